@@ -1,0 +1,218 @@
+"""The Multimodal mixture of Encoder-Decoder (MED): one BERT-style text transformer, three functionalities.
+
+- unimodal text encoder: ``[CLS]`` first, bidirectional self-attention, no cross-attention;
+- image-grounded text encoder: ``[ENC]`` first, cross-attention to the image tokens between the
+  self-attention and the feed-forward block of every layer;
+- image-grounded text decoder: ``[DEC]`` first, causal self-attention, cross-attention, LM head.
+
+Encoder and decoder are two stacks of layers whose sub-modules are shared according to
+``BlipConfig.sharing`` (the paper's Table 3): sharing is by module identity, so a shared weight is one
+tensor whatever name reaches it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import TextConfig
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_positions, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        pos = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.norm(self.word(input_ids) + self.position(pos)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with BERT's post-norm residual; self-attention when ``context`` is None."""
+
+    def __init__(self, width: int, heads: int, context_width: int, eps: float, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(context_width, width)
+        self.v = nn.Linear(context_width, width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context (the image tokens), computed once and reused for every step/beam."""
+        return self.split(self.k(context)), self.split(self.v(context))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``kv``: precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image).
+        ``past``: cached self-attention keys/values; the new ones are returned for the next step."""
+        b, t, w = x.shape
+        q = self.split(self.q(x))
+        new_past = None
+        if kv is None:
+            k, v = self.split(self.k(x)), self.split(self.v(x))
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            new_past = (k, v)
+        else:
+            k, v = kv
+        drop = self.dropout if self.training else 0.0
+        groups = b // k.shape[0]
+        if groups > 1:
+            # Several sequences (beams, samples) attend to one image: fold them into the query axis so the
+            # image's keys and values are never copied per sequence.
+            assert mask is None, "folded cross-attention takes no mask"
+            qf = q.view(k.shape[0], groups, self.heads, t, -1).transpose(1, 2).reshape(k.shape[0], self.heads, groups * t, -1)
+            ctx = F.scaled_dot_product_attention(qf, k, v, dropout_p=drop)
+            ctx = ctx.view(k.shape[0], self.heads, groups, t, -1).transpose(1, 2).reshape(b, self.heads, t, -1)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        ctx = ctx.transpose(1, 2).reshape(b, t, w)
+        out = F.dropout(self.out(ctx), self.dropout, self.training)
+        return self.norm(out + x), new_past
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.fc2(F.gelu(self.fc1(x))), self.dropout, self.training)
+        return self.norm(h + x)
+
+
+class TextLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, vision_width: int):
+        super().__init__()
+        self.self_attn = Attention(cfg.width, cfg.heads, cfg.width, cfg.layer_norm_eps, cfg.dropout)
+        self.cross_attn = Attention(cfg.width, cfg.heads, vision_width, cfg.layer_norm_eps, cfg.dropout)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, self_mask, image_kv=None, image_mask=None, past=None):
+        x, new_past = self.self_attn(x, mask=self_mask, past=past)
+        if image_kv is not None:
+            x, _ = self.cross_attn(x, mask=image_mask, kv=image_kv)
+        return self.ffn(x), new_past
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.width, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(x))))
+
+
+def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B, T] 1/0 mask -> additive [B, 1, 1, T] mask, or None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class MED(nn.Module):
+    def __init__(self, cfg: TextConfig, vision_width: int, sharing: str):
+        super().__init__()
+        self.cfg = cfg
+        self.sharing = sharing
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = nn.ModuleList(TextLayer(cfg, vision_width) for _ in range(cfg.depth))
+        self.decoder = nn.ModuleList(TextLayer(cfg, vision_width) for _ in range(cfg.depth))
+        self.decoder_embeddings = TextEmbeddings(cfg) if sharing == "none" else self.embeddings
+        for enc, dec in zip(self.encoder, self.decoder):
+            if sharing in ("all", "all_but_ca"):
+                dec.self_attn = enc.self_attn
+            if sharing in ("all", "all_but_sa"):
+                dec.cross_attn = enc.cross_attn
+            if sharing != "none":
+                dec.ffn = enc.ffn
+        self.lm_head = LMHead(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.decoder.weight = self.decoder_embeddings.word.weight
+
+    # --- encoders -------------------------------------------------------------------------------
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional encoder; grounded in the image when ``image_embeds`` is given."""
+        x = self.embeddings(input_ids)
+        mask = padding_mask(attention_mask, x.dtype)
+        img_mask = padding_mask(image_mask, x.dtype)
+        for layer in self.encoder:
+            kv = layer.cross_attn.context_kv(image_embeds) if image_embeds is not None else None
+            x = self._run(layer, x, mask, kv, img_mask)
+        return x
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal decoder over a whole sequence (training, scoring); returns LM logits [B, T, V]."""
+        x = self.decoder_embeddings(input_ids)
+        t = input_ids.shape[1]
+        causal = torch.full((t, t), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu(1)[None, None]
+        pad = padding_mask(attention_mask, x.dtype)
+        mask = causal if pad is None else causal + pad
+        for layer in self.decoder:
+            x = self._run(layer, x, mask, layer.cross_attn.context_kv(image_embeds), None)
+        return self.lm_head(x)
+
+    def _run(self, layer, x, mask, kv, img_mask):
+        if self.cfg.grad_checkpointing and self.training:
+            return checkpoint(lambda *a: layer(*a)[0], x, mask, kv, img_mask, use_reentrant=False)
+        return layer(x, mask, kv, img_mask)[0]
+
+    # --- incremental decoding (generation) -------------------------------------------------------
+    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.cross_attn.context_kv(image_embeds) for layer in self.decoder]
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Feed new tokens [B, t] given the cache; returns logits of the last position and the new cache.
+        Sequences are never padded during generation (all start with the same prompt), so no mask is needed
+        beyond causality inside the new tokens."""
+        past_len = 0 if past is None else past[0][0].shape[2]
+        x = self.decoder_embeddings(input_ids, past_length=past_len)
+        t = input_ids.shape[1]
+        mask = None
+        if t > 1:
+            full = torch.full((t, past_len + t), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype)
+            mask = full.triu(past_len + 1)[None, None]
+        new_past = []
+        for i, layer in enumerate(self.decoder):
+            x, p = layer(x, mask, image_kv[i], None, None if past is None else past[i])
+            new_past.append(p)
+        return self.lm_head(x[:, -1]), new_past
