@@ -1,0 +1,201 @@
+"""Caption decoding: batched beam search and nucleus sampling over the MED decoder, with a KV cache.
+
+The image's cross-attention keys/values are computed once per image and shared by all its beams or
+samples (the decoder folds them into the query axis), the prompt is run once per image, and lengths count
+``[DEC]`` and the prompt as the official BLIP code does. Beam search follows the semantics of
+transformers' beam search (length penalty over generated tokens, its early-stop heuristic), so both give
+the same captions on the same weights.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from .med import MED
+
+NEG = -1.0e9
+
+
+def _expand(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.repeat_interleave(k, dim=0) if k > 1 else x
+
+
+def _prefill(med: MED, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, k: int):
+    """Run the prompt once per image; return last logits, cache and image K/V, ready for k sequences per image."""
+    b = image_embeds.shape[0]
+    image_kv = med.image_kv(image_embeds)
+    logits, past = med.decode_step(prompt_ids.expand(b, -1), image_kv, None)
+    past = [(_expand(kk, k), _expand(vv, k)) for kk, vv in past]
+    return _expand(logits.float(), k), past, image_kv
+
+
+def _min_length_and_repetition(scores, seqs, cur_len, min_length, eos_token_id, repetition_penalty):
+    if cur_len < min_length:
+        scores[:, eos_token_id] = float("-inf")
+    if repetition_penalty != 1.0:
+        seen = scores.gather(1, seqs)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        scores.scatter_(1, seqs, seen)
+    return scores
+
+
+def beam_search(
+    med: MED,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    *,
+    num_beams: int = 3,
+    max_length: int = 30,
+    min_length: int = 10,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Returns [B * num_return_sequences, L] token ids, the prompt included, padded with ``pad_token_id``."""
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
+    B, nb, dev = image_embeds.shape[0], num_beams, image_embeds.device
+    plen = prompt_ids.shape[1]
+    if max_length <= plen:
+        raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, nb)
+
+    running = torch.full((B, nb, max_length), pad_token_id, dtype=torch.long, device=dev)
+    running[:, :, :plen] = prompt_ids[0]
+    running_scores = torch.zeros(B, nb, device=dev)
+    running_scores[:, 1:] = NEG
+    finished = running.clone()
+    finished_scores = torch.full((B, nb), NEG, device=dev)
+    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    top_mask = torch.arange(2 * nb, device=dev) < nb
+    batch_idx = torch.arange(B, device=dev)[:, None]
+
+    cur_len = plen
+    while True:
+        flat = running[:, :, :cur_len].reshape(B * nb, cur_len)
+        scores = torch.log_softmax(logits, dim=-1)
+        scores = _min_length_and_repetition(scores, flat, cur_len, min_length, eos_token_id, repetition_penalty)
+        V = scores.shape[-1]
+        acc = (scores.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        top_scores, top_idx = acc.topk(2 * nb, dim=1)
+        src_beam, tokens = top_idx // V, top_idx % V
+        cand = running[batch_idx, src_beam]  # [B, 2nb, L]
+        cand[:, :, cur_len] = tokens
+        hits = (tokens == eos_token_id) | (cur_len + 1 >= max_length)
+
+        # the best num_beams continuations that did not stop keep running
+        keep = (top_scores + hits.float() * NEG).topk(nb, dim=1).indices
+        running = cand[batch_idx, keep]
+        running_scores = (top_scores + hits.float() * NEG).gather(1, keep)
+        reorder = (src_beam.gather(1, keep) + batch_idx * nb).view(-1)
+
+        # stopped continuations among the top num_beams become hypotheses, scored with the length penalty
+        just_done = hits & top_mask[None, :]
+        norm = top_scores / float(cur_len + 1 - plen) ** length_penalty
+        norm = norm + (~improvable).float() * NEG + (~just_done).float() * NEG
+        merged = torch.cat([finished_scores, norm], dim=1)
+        best = merged.topk(nb, dim=1).indices
+        finished = torch.cat([finished, cand], dim=1)[batch_idx, best]
+        finished_scores = merged.gather(1, best)
+        is_finished = torch.cat([is_finished, just_done], dim=1).gather(1, best)
+
+        cur_len += 1
+        best_running = running_scores[:, :1] / float(cur_len - plen) ** length_penalty
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.full_like(finished_scores, NEG))
+        improvable = improvable & (best_running > worst).any(dim=1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()) or cur_len >= max_length:
+            break
+        past = [(kk.index_select(0, reorder), vv.index_select(0, reorder)) for kk, vv in past]
+        logits, past = med.decode_step(running[:, :, cur_len - 1].reshape(-1, 1), image_kv, past)
+        logits = logits.float()
+
+    out = finished[:, :num_return_sequences].reshape(B * num_return_sequences, max_length)
+    lengths = _lengths(out, eos_token_id, plen)
+    return out[:, : int(lengths.max())]
+
+
+def _lengths(seqs: torch.Tensor, eos_token_id: int, plen: int) -> torch.Tensor:
+    """Length of each sequence up to and including its first EOS after the prompt (or the full width)."""
+    is_eos = seqs[:, plen:] == eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long))
+    return first + plen
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th sample of an image whose seed is ``seed`` (stable across processes)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def nucleus_sample(
+    med: MED,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    *,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    max_length: int = 30,
+    min_length: int = 10,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    seeds: Sequence[int] | None = None,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Nucleus sampling. Each sequence draws its uniforms from its own generator seeded from ``seeds[i]``
+    and its sample index, so a caption depends only on its image and seed, never on batch composition."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, k, dev = image_embeds.shape[0], num_return_sequences, image_embeds.device
+    plen = prompt_ids.shape[1]
+    if max_length <= plen:
+        raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    if seeds is not None and len(seeds) != B:
+        raise ValueError(f"seeds must give one seed per image: {B} images, {len(seeds)} seeds")
+    steps = max_length - plen
+    if seeds is None:
+        uniforms = torch.rand(B * k, steps, dtype=torch.float64)
+    else:
+        rows = []
+        for s in seeds:
+            for j in range(k):
+                g = torch.Generator().manual_seed(sample_seed(s, j))
+                rows.append(torch.rand(steps, dtype=torch.float64, generator=g))
+        uniforms = torch.stack(rows)
+    uniforms = uniforms.to(dev)
+
+    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k)
+    seqs = prompt_ids.expand(B * k, -1).clone()
+    alive = torch.ones(B * k, dtype=torch.bool, device=dev)
+    for step in range(steps):
+        cur_len = seqs.shape[1]
+        scores = _min_length_and_repetition(logits, seqs, cur_len, min_length, eos_token_id, repetition_penalty)
+        scores = scores / temperature
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float64)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        keep = mass_before < top_p
+        if top_k > 0:
+            keep[:, top_k:] = False
+        keep[:, 0] = True
+        sorted_p = sorted_p * keep
+        cdf = sorted_p.cumsum(-1)
+        u = uniforms[:, step : step + 1] * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u).clamp_max(cdf.shape[1] - 1)
+        tokens = order.gather(1, pick).squeeze(1)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
+        seqs = torch.cat([seqs, tokens[:, None]], dim=1)
+        alive = alive & (tokens != eos_token_id)
+        if not bool(alive.any()) or seqs.shape[1] >= max_length:
+            break
+        logits, past = med.decode_step(tokens[:, None], image_kv, past)
+        logits = logits.float()
+    return seqs
