@@ -56,6 +56,11 @@ def beam_search(
     pad_token_id: int,
 ) -> torch.Tensor:
     """Returns [B * num_return_sequences, L] token ids, the prompt included, padded with ``pad_token_id``."""
+    if num_beams == 1:
+        if num_return_sequences != 1:
+            raise ValueError("greedy decoding (num_beams=1) returns one sequence per image")
+        return greedy(med, image_embeds, prompt_ids, max_length=max_length, min_length=min_length,
+                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
     B, nb, dev = image_embeds.shape[0], num_beams, image_embeds.device
@@ -119,6 +124,44 @@ def beam_search(
     return out[:, : int(lengths.max())]
 
 
+def greedy(
+    med: MED,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    *,
+    max_length: int = 30,
+    min_length: int = 10,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Greedy decoding: the most likely token at every step; finished sequences are padded."""
+    return _decode_loop(med, image_embeds, prompt_ids, 1, None, max_length=max_length, min_length=min_length,
+                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_length, repetition_penalty, eos_token_id, pad_token_id):
+    """Shared loop of greedy decoding and sampling: ``choose(scores, step)`` picks tokens (argmax if None)."""
+    B, dev = image_embeds.shape[0], image_embeds.device
+    plen = prompt_ids.shape[1]
+    if max_length <= plen:
+        raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k)
+    seqs = prompt_ids.expand(B * k, -1).clone()
+    alive = torch.ones(B * k, dtype=torch.bool, device=dev)
+    for step in range(max_length - plen):
+        scores = _min_length_and_repetition(logits, seqs, seqs.shape[1], min_length, eos_token_id, repetition_penalty)
+        tokens = scores.argmax(-1) if choose is None else choose(scores, step)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
+        seqs = torch.cat([seqs, tokens[:, None]], dim=1)
+        alive = alive & (tokens != eos_token_id)
+        if not bool(alive.any()) or seqs.shape[1] >= max_length:
+            break
+        logits, past = med.decode_step(tokens[:, None], image_kv, past)
+        logits = logits.float()
+    return seqs
+
+
 def _lengths(seqs: torch.Tensor, eos_token_id: int, plen: int) -> torch.Tensor:
     """Length of each sequence up to and including its first EOS after the prompt (or the full width)."""
     is_eos = seqs[:, plen:] == eos_token_id
@@ -155,12 +198,9 @@ def nucleus_sample(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, k, dev = image_embeds.shape[0], num_return_sequences, image_embeds.device
-    plen = prompt_ids.shape[1]
-    if max_length <= plen:
-        raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    steps = max(max_length - prompt_ids.shape[1], 0)
     if seeds is not None and len(seeds) != B:
         raise ValueError(f"seeds must give one seed per image: {B} images, {len(seeds)} seeds")
-    steps = max_length - plen
     if seeds is None:
         uniforms = torch.rand(B * k, steps, dtype=torch.float64)
     else:
@@ -172,30 +212,16 @@ def nucleus_sample(
         uniforms = torch.stack(rows)
     uniforms = uniforms.to(dev)
 
-    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k)
-    seqs = prompt_ids.expand(B * k, -1).clone()
-    alive = torch.ones(B * k, dtype=torch.bool, device=dev)
-    for step in range(steps):
-        cur_len = seqs.shape[1]
-        scores = _min_length_and_repetition(logits, seqs, cur_len, min_length, eos_token_id, repetition_penalty)
-        scores = scores / temperature
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float64)
+    def choose(scores: torch.Tensor, step: int) -> torch.Tensor:
+        probs = torch.softmax(scores / temperature, dim=-1, dtype=torch.float64)
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        keep = mass_before < top_p
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the smallest head whose mass reaches top_p
         if top_k > 0:
             keep[:, top_k:] = False
         keep[:, 0] = True
-        sorted_p = sorted_p * keep
-        cdf = sorted_p.cumsum(-1)
-        u = uniforms[:, step : step + 1] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u).clamp_max(cdf.shape[1] - 1)
-        tokens = order.gather(1, pick).squeeze(1)
-        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
-        seqs = torch.cat([seqs, tokens[:, None]], dim=1)
-        alive = alive & (tokens != eos_token_id)
-        if not bool(alive.any()) or seqs.shape[1] >= max_length:
-            break
-        logits, past = med.decode_step(tokens[:, None], image_kv, past)
-        logits = logits.float()
-    return seqs
+        cdf = (sorted_p * keep).cumsum(-1)
+        pick = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:]).clamp_max(cdf.shape[1] - 1)
+        return order.gather(1, pick).squeeze(1)
+
+    return _decode_loop(med, image_embeds, prompt_ids, k, choose, max_length=max_length, min_length=min_length,
+                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
