@@ -219,9 +219,12 @@ def nucleus_sample(
         if top_k > 0:
             keep[:, top_k:] = False
         keep[:, 0] = True
-        cdf = (sorted_p * keep).cumsum(-1)
-        pick = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:]).clamp_max(cdf.shape[1] - 1)
-        return order.gather(1, pick).squeeze(1)
+        # Invert the CDF in vocabulary order, not probability order: near-ties that swap places under a
+        # last-bit difference (another batch size) then move the CDF by that difference only.
+        kept = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
+        cdf = kept.cumsum(-1)
+        pick = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:])
+        return pick.clamp_max(cdf.shape[1] - 1).squeeze(1)
 
     return _decode_loop(med, image_embeds, prompt_ids, k, choose, max_length=max_length, min_length=min_length,
                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
