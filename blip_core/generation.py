@@ -213,16 +213,22 @@ def nucleus_sample(
     uniforms = uniforms.to(dev)
 
     def choose(scores: torch.Tensor, step: int) -> torch.Tensor:
-        probs = torch.softmax(scores / temperature, dim=-1, dtype=torch.float64)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the smallest head whose mass reaches top_p
+        logits = scores / temperature
+        # A trained captioner's nucleus is a few dozen tokens: look at the head first, sort the rest only if needed.
+        head = min(64, logits.shape[-1])
+        sorted_logits = logits.topk(head, dim=-1).values
+        log_z = torch.logsumexp(logits.double(), dim=-1, keepdim=True)
+        if bool((torch.exp(sorted_logits.double() - log_z).sum(-1) < top_p).any()):
+            sorted_logits = logits.sort(dim=-1, descending=True).values
+        sorted_p = torch.exp(sorted_logits.double() - log_z)
+        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < top_p).sum(-1, keepdim=True)  # smallest head reaching top_p
         if top_k > 0:
-            keep[:, top_k:] = False
-        keep[:, 0] = True
+            n_keep = n_keep.clamp_max(top_k)
+        threshold = sorted_logits.gather(1, n_keep.clamp_min(1) - 1)
         # Invert the CDF in vocabulary order, not probability order: near-ties that swap places under a
         # last-bit difference (another batch size) then move the CDF by that difference only.
-        kept = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
-        cdf = kept.cumsum(-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float64) * (logits >= threshold)
+        cdf = probs.cumsum(-1)
         pick = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:])
         return pick.clamp_max(cdf.shape[1] - 1).squeeze(1)
 
