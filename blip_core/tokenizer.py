@@ -24,6 +24,9 @@ class BlipTokenizer:
         missing = [t for t in BERT_SPECIALS[:4] if tokenizer.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks BERT special tokens {missing}")
+        # BERT's specials already have ids in the vocabulary; registering them marks them special (skipped when
+        # decoding). [DEC] and [ENC] are appended after the vocabulary: 30522 and 30523 for bert-base-uncased.
+        tokenizer.add_special_tokens([t for t in BERT_SPECIALS if tokenizer.token_to_id(t) is not None])
         tokenizer.add_special_tokens([t for t in BLIP_SPECIALS if tokenizer.token_to_id(t) is None])
         tokenizer.no_padding()
         tokenizer.no_truncation()
