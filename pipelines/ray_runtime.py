@@ -1,0 +1,36 @@
+"""Where Ray work runs: the cluster named by ``RAY_ADDRESS``, or a local Ray that binds only 127.0.0.1.
+
+Reaching a real cluster is an explicit setting (``RAY_ADDRESS``, with ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` as
+that cluster needs); without it a new local cluster starts (``address="local"``, so a stale
+``ray_current_cluster`` file never makes us join somebody else's). Auth mode is always set explicitly,
+because Ray turns token auth on by itself when ``~/.ray/auth_token`` exists and head and driver must agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None, dashboard: bool | None = None) -> str:
+    """Initialise Ray once per process; returns a description of where it runs."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    address = os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "token" if address is None else "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        where = f"Ray cluster at {address}"
+    else:
+        # Without this Ray advertises the machine's own address and listens on all interfaces.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if dashboard is None:
+            dashboard = os.environ.get("CAPFILT_RAY_DASHBOARD", "0") == "1"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 node_ip_address="127.0.0.1", log_to_driver=True)
+        where = "local Ray on 127.0.0.1"
+    log.info("using %s (%s)", where, ray.get_runtime_context().gcs_address)
+    return where
