@@ -1,0 +1,287 @@
+"""Readers: shard listing, the training stream (distribution, epochs, bad data), COCO-Karpathy, the
+bootstrapped dataset's shard-local join. Ray Data's reader is tested in tests/integration/test_readers_ray.py."""
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+from collections import Counter
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_helpers import key_of, write_karpathy, write_shards
+from pipelines import storage
+from pipelines.bootstrapped import read_manifest, relativize, resolve
+from pipelines.data import (KarpathyDataset, KarpathySource, NotCommittedError, ShardStream, assign_units,
+                            bootstrapped_stream, decode_image, eval_transform, iter_shard, list_shards, shard_name,
+                            shard_size, train_transform, write_manifest)
+
+SIZE = 16
+EVAL = eval_transform(SIZE)
+
+
+def memory_url() -> str:
+    return f"memory://t-{uuid.uuid4().hex[:8]}"
+
+
+def image_of(data: bytes) -> torch.Tensor:
+    return EVAL(decode_image(data))
+
+
+def run(stream: ShardStream, num_workers: int = 0, batch_size: int = 4, **kw) -> list:
+    """Every sample one rank's DataLoader yields, unbatched: (key, text, image_id, source, image)."""
+    out = []
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, **kw)
+    for batch in loader:
+        for i in range(len(batch.key)):
+            out.append((batch.key[i], batch.text[i], batch.image_id[i], batch.source[i], batch.image[i]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+def test_list_shards_only_reads_committed_dirs(tmp_path):
+    url = str(tmp_path / "ingest" / "web")
+    write_shards(url, [2, 2, 1], commit=False)
+    with pytest.raises(NotCommittedError, match="not committed"):
+        list_shards(url)
+    assert [shard_name(s) for s in list_shards(url, allow_uncommitted=True)] == ["00000", "00001", "00002"]
+    storage.commit(url)
+    shards = list_shards(url)
+    assert shards == sorted(shards) and all(s.startswith(url) and s.endswith(".tar") for s in shards)
+    with pytest.raises(FileNotFoundError):
+        list_shards(str(tmp_path / "nowhere"))
+
+
+def test_list_and_read_shards_through_fsspec():
+    url = memory_url() + "/ingest/web"
+    truth = write_shards(url, [3, 2])
+    shards = list_shards(url)
+    assert shards == [f"{url}/00000.tar", f"{url}/00001.tar"]
+    assert [shard_size(s) for s in shards] == [3, 2]
+    got = {s.key: s for s in iter_shard(shards[1])}
+    assert set(got) == {key_of(1, 0), key_of(1, 1)}
+    for key, s in got.items():
+        assert s.text == truth[key]["text"] and s.image == truth[key]["image"] and s.meta["url"] == truth[key]["url"]
+    only = list(iter_shard(shards[0], keys={key_of(0, 2)}))
+    assert [s.key for s in only] == [key_of(0, 2)]
+
+
+def test_shard_size_without_stats_scans_the_tar(tmp_path):
+    url = str(tmp_path / "web")
+    write_shards(url, [4])
+    (tmp_path / "web" / "00000_stats.json").unlink()
+    assert shard_size(f"{url}/00000.tar") == 4
+
+
+# ------------------------------------------------------------------------------------------------ stream
+
+def test_stream_skips_and_counts_a_corrupt_image(tmp_path, caplog):
+    url = str(tmp_path / "web")
+    bad = key_of(0, 1)
+    truth = write_shards(url, [3, 3], corrupt={bad})
+    stream = ShardStream(list_shards(url), transform=EVAL, shuffle_buffer=4)
+    with caplog.at_level(logging.INFO, logger="pipelines.stream"):
+        got = run(stream)
+    assert sorted(k for k, *_ in got) == sorted(set(truth) - {bad})
+    assert stream.stats()["corrupt"] == 1 and stream.stats()["samples"] == 5
+    assert any("1 corrupt images skipped" in r.getMessage() for r in caplog.records)
+    for key, text, image_id, source, image in got:
+        assert text == truth[key]["text"] and image_id == f"web:{key}" and source == "web"
+        assert torch.allclose(image, image_of(truth[key]["image"]))
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4, 4], [5, 3, 4, 2, 6]], ids=["4-shards", "5-shards-uneven"])
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path, sizes):
+    url = str(tmp_path / "web")
+    bad = {key_of(1, 0), key_of(3, 1)}
+    truth = write_shards(url, sizes, corrupt=bad)
+    shards = list_shards(url)
+    for epoch in (0, 1):
+        seen, corrupt = [], 0
+        for rank in range(2):
+            stream = ShardStream(shards, transform=EVAL, rank=rank, world_size=2, seed=3, shuffle_buffer=3)
+            stream.set_epoch(epoch)
+            seen += [k for k, *_ in run(stream, num_workers=2)]
+            corrupt += stream.stats()["corrupt"]  # counted inside the DataLoader workers
+        assert sorted(seen) == sorted(set(truth) - bad)
+        assert corrupt == len(bad)
+
+
+def test_assignment_round_robins_units_over_ranks_first():
+    slots = assign_units(5, epoch=0, seed=0, world_size=2, num_workers=2, shuffle=False)
+    assert slots == [[0, 4], [1], [2], [3]]  # slot = worker * world_size + rank
+    for epoch in range(3):
+        slots = assign_units(7, epoch=epoch, seed=1, world_size=2, num_workers=2)
+        assert sorted(sum(slots, [])) == list(range(7))
+        per_rank = [len(slots[r]) + len(slots[2 + r]) for r in range(2)]
+        assert abs(per_rank[0] - per_rank[1]) <= 1
+
+
+def test_epochs_reshuffle_reproducibly(tmp_path):
+    url = str(tmp_path / "web")
+    write_shards(url, [6, 6, 6])
+    shards = list_shards(url)
+
+    def epoch_of(stream: ShardStream, epoch: int) -> list:
+        stream.set_epoch(epoch)
+        return run(stream)
+
+    tf = train_transform(SIZE, hflip=True, randaugment=True)
+    a, b = ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5), ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5)
+    a0, a1 = epoch_of(a, 0), epoch_of(a, 1)
+    b1 = epoch_of(b, 1)
+    keys = lambda run_: [k for k, *_ in run_]  # noqa: E731
+    assert keys(a0) != keys(a1) and sorted(keys(a0)) == sorted(keys(a1))
+    assert keys(a1) == keys(b1)
+    assert all(torch.equal(x[-1], y[-1]) for x, y in zip(a1, b1))  # the same augmentation, sample by sample
+    aug0 = {k: img for k, *_, img in a0}
+    assert any(not torch.equal(aug0[k], img) for k, *_, img in a1)  # a new epoch augments anew
+    assert keys(epoch_of(ShardStream(shards, transform=tf, seed=12, shuffle_buffer=5), 1)) != keys(a1)
+
+
+def test_set_epoch_reaches_persistent_workers(tmp_path):
+    url = str(tmp_path / "web")
+    write_shards(url, [3, 3, 3, 3])
+    shards = list_shards(url)
+    stream = ShardStream(shards, transform=EVAL, seed=5, shuffle_buffer=2)
+    loader = DataLoader(stream, batch_size=2, num_workers=2, persistent_workers=True)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        orders.append([k for batch in loader for k in batch.key])
+    fresh = ShardStream(shards, transform=EVAL, seed=5, shuffle_buffer=2)
+    fresh.set_epoch(1)
+    assert orders[0] != orders[1]
+    assert orders[1] == [k for batch in DataLoader(fresh, batch_size=2, num_workers=2) for k in batch.key]
+
+
+def test_pad_gives_every_rank_the_same_number_of_steps(tmp_path):
+    url = str(tmp_path / "web")
+    truth = write_shards(url, [5, 2, 4], corrupt={key_of(0, 0)})
+    shards = list_shards(url)
+    seen, steps = [], []
+    for rank in range(2):
+        stream = ShardStream(shards, transform=EVAL, rank=rank, world_size=2, balance="pad", shuffle_buffer=2)
+        batches = list(DataLoader(stream, batch_size=2, num_workers=2))
+        assert len(batches) == stream.steps_per_epoch(batch_size=2, num_workers=2)
+        steps.append(len(batches))
+        seen += [k for b in batches for k in b.key]
+    assert steps[0] == steps[1]
+    assert set(seen) == set(truth) - {key_of(0, 0)}  # padding repeats, never drops
+
+
+def test_broken_shard_is_counted_not_fatal(tmp_path, caplog):
+    url = str(tmp_path / "web")
+    truth = write_shards(url, [4, 3])
+    tar = tmp_path / "web" / "00000.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) * 6 // 10])  # cut inside the third of four samples
+    stream = ShardStream(list_shards(url), transform=EVAL)
+    with caplog.at_level(logging.ERROR, logger="pipelines.stream"):
+        keys = [k for k, *_ in run(stream)]
+    assert stream.stats()["broken_units"] == 1
+    assert {key_of(0, 0), key_of(0, 1)} | {key_of(1, i) for i in range(3)} <= set(keys) <= set(truth)
+    assert any("broken" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------ Karpathy
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("per_caption_entries", [True, False], ids=["train-layout", "test-layout"])
+def test_karpathy_reader(tmp_path, where, per_caption_entries):
+    root = str(tmp_path) if where == "local" else memory_url()
+    truth = write_karpathy(root, 5, per_caption_entries=per_caption_entries)
+    ds = KarpathyDataset(f"{root}/ann.json", f"{root}/images", transform=EVAL)
+    assert len(ds) == 5
+    for i, (path, (caps, data)) in enumerate(truth.items()):
+        image, captions, image_id = ds[i]
+        assert captions == caps and torch.allclose(image, image_of(data))
+        assert image_id == (f"coco_{i}" if per_caption_entries else posixpath.splitext(path)[0])
+    pairs = ds.pairs()
+    assert len(pairs) == sum(len(c) for c, _ in truth.values())
+    assert [pairs[j][1] for j in range(len(pairs))] == [c for caps, _ in truth.values() for c in caps]
+    # The same set as stream units, mixable with shards.
+    got = run(ShardStream([KarpathySource(f"{root}/ann.json", f"{root}/images", images_per_unit=2)], transform=EVAL))
+    assert Counter(t for _, t, *_ in got) == Counter(c for caps, _ in truth.values() for c in caps)
+    assert all(src == "human" and iid.startswith("human:") for _, _, iid, src, _ in got)
+
+
+def test_karpathy_bad_file_names_the_entry(tmp_path):
+    (tmp_path / "ann.json").write_text('[{"image": "a.jpg", "caption": "ok"}, {"caption": "no image"}]')
+    with pytest.raises(ValueError, match="entry 1 needs 'image'"):
+        KarpathyDataset(str(tmp_path / "ann.json"), str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ bootstrapped
+
+def capfilt_rows(truth: dict) -> list[dict]:
+    """Per web key: its web text (kept for even keys), two synthetic captions (the first always kept)."""
+    rows = []
+    for n, (key, t) in enumerate(sorted(truth.items())):
+        rows.append({"key": key, "shard": t["shard"], "url": t["url"], "text": t["text"], "source": "web",
+                     "candidate": None, "keep": n % 2 == 0})
+        for c in range(2):
+            rows.append({"key": key, "shard": t["shard"], "url": t["url"], "text": f"synthetic {c} for {key}",
+                         "source": "synthetic", "candidate": c, "keep": c == 0 or n % 3 == 0})
+    return rows
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_bootstrapped_join_yields_human_pairs_and_kept_texts_with_their_images(tmp_path, where):
+    root = str(tmp_path / "run") if where == "local" else memory_url() + "/run"
+    shards_url = f"{root}/ingest/web"
+    truth = write_shards(shards_url, [4, 3, 2], corrupt={key_of(2, 1)})
+    human = write_karpathy(f"{root}/world", 3)
+    rows = capfilt_rows(truth)
+    rows.append({"key": "000099999", "shard": "00001", "url": None, "text": "image never downloaded",
+                 "source": "web", "candidate": None, "keep": True})
+    capfilt = f"{root}/round=0/capfilt"
+    fs, path = fsspec.core.url_to_fs(capfilt)
+    fs.makedirs(path, exist_ok=True)
+    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2:])):  # a directory of Parquet files
+        with fs.open(f"{path}/part-{part}.parquet", "wb") as f:
+            pq.write_table(pa.Table.from_pylist(chunk), f, compression="zstd")
+    storage.commit(capfilt)
+    dataset_dir = f"{root}/round=0/dataset"
+    write_manifest(dataset_dir, round=0, human_annotations=f"{root}/world/ann.json",
+                   human_image_root=f"{root}/world/images", shards=shards_url, capfilt=capfilt, counts={"rows": len(rows)})
+    with pytest.raises(NotCommittedError):
+        bootstrapped_stream(dataset_dir)
+    storage.commit(dataset_dir)
+
+    manifest = storage.read_json(f"{dataset_dir}/manifest.json")
+    assert manifest["shards"] == "../../ingest/web" and manifest["capfilt"] == "../capfilt"
+    assert read_manifest(dataset_dir).shards.rstrip("/") == shards_url.rstrip("/")
+
+    stream = bootstrapped_stream(dataset_dir, transform=EVAL, images_per_unit=2, shuffle_buffer=4)
+    got = []
+    for rank in range(2):  # and split over 2 ranks x 2 workers, still every pair once
+        s = bootstrapped_stream(dataset_dir, transform=EVAL, images_per_unit=2, shuffle_buffer=4, rank=rank, world_size=2)
+        got += run(s, num_workers=2)
+    expected = Counter((f"human:coco_{i}", c, "human") for i, (caps, _) in enumerate(human.values()) for c in caps)
+    expected += Counter((f"web:{r['key']}", r["text"], r["source"]) for r in rows
+                        if r["keep"] and r["key"] in truth and r["key"] != key_of(2, 1))
+    assert Counter((iid, text, src) for _, text, iid, src, _ in got) == expected
+    images = {f"web:{k}": t["image"] for k, t in truth.items()}
+    images.update({f"human:coco_{i}": data for i, (_, data) in enumerate(human.values())})
+    for _, _, iid, _, image in got:
+        assert torch.allclose(image, image_of(images[iid]))
+    # Bad rows were counted, not fatal: the corrupt image's kept texts and the row whose image is missing.
+    list(stream)
+    kept_for_corrupt = sum(r["keep"] for r in rows if r["key"] == key_of(2, 1))
+    assert stream.stats()["corrupt"] == kept_for_corrupt and stream.stats()["missing"] == 1
+
+
+def test_manifest_locations_resolve_relative_to_the_manifest():
+    base = "s3://bucket/run/round=1/dataset"
+    assert relativize(base, "s3://bucket/run/ingest/web") == "../../ingest/web"
+    assert resolve(base, "../../ingest/web") == "s3://bucket/run/ingest/web"
+    assert relativize(base, "s3://other/x") == "s3://other/x"
+    assert resolve("/data/run/round=0/dataset", "../capfilt") == "/data/run/round=0/capfilt"
+    assert resolve(base, "/abs/path") == "/abs/path"
