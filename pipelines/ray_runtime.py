@@ -2,31 +2,44 @@
 
 Reaching a real cluster is an explicit setting (``RAY_ADDRESS``, with ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` as
 that cluster needs); without it a new local cluster starts (``address="local"``, so a stale
-``ray_current_cluster`` file never makes us join somebody else's). Auth mode is always set explicitly,
-because Ray turns token auth on by itself when ``~/.ray/auth_token`` exists and head and driver must agree.
+``ray_current_cluster`` file never makes us join somebody else's). The auth mode is always explicit: Ray turns
+token auth on by itself when ``~/.ray/auth_token`` exists, head and driver must agree, and Ray reads these
+variables once, when it is first imported — so ``configure_environment`` runs when ``pipelines`` is imported.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 log = logging.getLogger(__name__)
 
 
+def configure_environment() -> None:
+    """Set Ray's environment before ``import ray``; values the user set win."""
+    if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        return
+    # Without this Ray advertises the machine's own address and listens on all interfaces.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        # A per-run token for the local cluster, inherited by every process it starts; nothing written to ~/.ray.
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+
+
 def ensure_ray(num_cpus: int | None = None, dashboard: bool | None = None) -> str:
     """Initialise Ray once per process; returns a description of where it runs."""
+    configure_environment()
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "token" if address is None else "disabled")
     if address:
         ray.init(address=address, log_to_driver=True)
         where = f"Ray cluster at {address}"
     else:
-        # Without this Ray advertises the machine's own address and listens on all interfaces.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if dashboard is None:
             dashboard = os.environ.get("CAPFILT_RAY_DASHBOARD", "0") == "1"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
