@@ -38,13 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capfilt: {err}", file=sys.stderr)
         return 2
     if args.command == "synth":
-        from .synthetic import run_synth
+        from .synthetic import WorldExistsError, run_synth
 
-        run_synth(cfg, args.root)
+        try:
+            run_synth(cfg, args.root)
+        except (WorldExistsError, ValueError) as err:
+            print(f"capfilt synth: {err}", file=sys.stderr)
+            return 1
     elif args.command == "ingest":
-        from .ingest import run_ingest
+        from .ingest import IngestError, IngestIncomplete, run_ingest
 
-        run_ingest(cfg, args.root)
+        try:
+            run_ingest(cfg, args.root)
+        except (IngestError, IngestIncomplete) as err:
+            print(f"capfilt ingest: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

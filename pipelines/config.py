@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -31,14 +31,15 @@ class WorldConfig(_Section):
     noise_mix: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in NOISE_TYPES})
     image_size: int = Field(64, ge=64, le=96)
 
-    @model_validator(mode="after")
-    def _check_mix(self) -> "WorldConfig":
-        unknown = set(self.noise_mix) - set(NOISE_TYPES)
+    @field_validator("noise_mix")
+    @classmethod
+    def _check_mix(cls, mix: dict[str, float]) -> dict[str, float]:
+        unknown = set(mix) - set(NOISE_TYPES)
         if unknown:
             raise ValueError(f"unknown noise types {sorted(unknown)}; choose from {list(NOISE_TYPES)}")
-        if any(w < 0 for w in self.noise_mix.values()) or sum(self.noise_mix.values()) <= 0:
+        if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError("noise_mix weights must be >= 0 and not all zero")
-        return self
+        return mix
 
 
 class IngestConfig(_Section):
@@ -56,6 +57,7 @@ class IngestConfig(_Section):
     threads: int = Field(8, ge=1)
     timeout: int = Field(10, ge=1)
     retries: int = Field(0, ge=0)
+    min_image_size: int = Field(10, ge=0, description="smaller images (tracking pixels) are recorded as failed_to_resize")
 
 
 class HumanConfig(_Section):

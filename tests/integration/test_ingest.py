@@ -1,0 +1,254 @@
+"""``capfilt synth`` then ``capfilt ingest`` through a real loopback HTTP server and img2dataset."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import storage
+from pipelines.synthetic import serve_directory, serve_world, world_files
+
+from integration_helpers import TINY, capfilt, read_shards
+
+pytestmark = pytest.mark.integration
+
+SMALL_WORLD = ["--set", "world.n_web=120", "--set", "world.n_human=6", "--set", "world.n_test=4",
+               "--set", "ingest.shard_size=50"]
+
+
+def _url_path(url: str) -> str:
+    """``http://127.0.0.1:PORT/web/000001.jpg`` -> ``web/000001.jpg`` (the truth's ``path``)."""
+    return url.split("/", 3)[3]
+
+
+def test_synth_then_ingest_lands_exactly_the_reachable_images(tmp_path):
+    root = str(tmp_path / "run")
+    proc, _ = capfilt("synth", "--config", TINY, "--root", root, *SMALL_WORLD)
+    assert proc.returncode == 0, proc.stderr
+    world = storage.RunRoot(root).world()
+    web = pq.read_table(world_files(world)["web"]).to_pylist()
+    assert len(web) == 120
+    # Two images vanish from the "web" before ingestion: their URLs must fail, the rest land.
+    gone = {"web/000007.jpg", "web/000063.jpg"}
+    for p in gone:
+        (Path(world) / "images" / p).unlink()
+    caption_of = {w["url"].removeprefix("{base}/"): w["caption"] for w in web}
+
+    proc, seconds = capfilt("ingest", "--config", TINY, "--root", root, *SMALL_WORLD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = storage.RunRoot(root).ingest("web")
+    assert storage.is_committed(out)
+    names = sorted(p.name for p in Path(out).iterdir())
+    assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert {"00000.parquet", "00000_stats.json", "manifest.json", "_COMMITTED"} <= set(names)
+
+    samples, rows = read_shards(out)
+    landed = {}
+    for key, files in samples.items():
+        meta = json.loads(files["json"])
+        assert meta["key"] == key and meta["status"] == "success"
+        landed[_url_path(meta["url"])] = files
+    assert set(landed) == set(caption_of) - gone
+    for path, files in landed.items():
+        assert files["txt"] == caption_of[path].encode("utf-8")
+        with Image.open(io.BytesIO(files["jpg"])) as im:
+            assert im.size == (64, 64)
+    assert len(rows) == 120
+    failed = [r for r in rows if r["status"] != "success"]
+    assert {_url_path(r["url"]) for r in failed} == gone
+    assert all(r["status"] == "failed_to_download" and "404" in r["error_message"] for r in failed)
+    assert all(r["caption"] == caption_of[_url_path(r["url"])] for r in rows)
+
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    assert manifest["total"] == 120 and manifest["successes"] == 118 and manifest["n_shards"] == 3
+    assert manifest["success_rate"] == pytest.approx(118 / 120)
+    assert manifest["failures_by_status"] == {"failed_to_download": 2, "failed_to_resize": 0}
+    assert sum(manifest["failures_by_error"].values()) == 2
+    assert [s["count"] for s in manifest["shards"]] == [50, 50, 20]
+    print(f"\ningest of 120 URLs: {seconds:.1f}s wall (CLI), this run {manifest['this_run']}")
+
+    # A rerun of a committed ingest (and of the committed world) changes nothing.
+    before = {p: p.stat().st_mtime_ns for p in Path(root).rglob("*")}
+    proc, seconds = capfilt("ingest", "--config", TINY, "--root", root, *SMALL_WORLD)
+    assert proc.returncode == 0 and "already committed" in proc.stderr
+    proc, _ = capfilt("synth", "--config", TINY, "--root", root, *SMALL_WORLD)
+    assert proc.returncode == 0 and "already committed" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in Path(root).rglob("*")} == before
+    print(f"committed rerun: {seconds:.1f}s")
+
+    # A crash that left shard 1 unfinished and nothing committed: the rerun redoes shard 1 only.
+    for name in ("_COMMITTED", "manifest.json", "00001_stats.json", "00001.tar"):
+        (Path(out) / name).unlink()
+    (Path(out) / "00001.parquet").write_bytes(b"half a file")
+    kept = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    proc, _ = capfilt("ingest", "--config", TINY, "--root", root, *SMALL_WORLD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert storage.is_committed(out)
+    redone = json.loads((Path(out) / "manifest.json").read_text())
+    assert redone["this_run"]["shards"] == 1 and redone["this_run"]["samples"] == 50
+    assert {k: v for k, v in redone.items() if k != "this_run"} == {
+        k: v for k, v in manifest.items() if k != "this_run"}
+    assert all((Path(out) / n).stat().st_mtime_ns == t for n, t in kept.items() if not n.startswith("00001"))
+    assert read_shards(out)[0].keys() == samples.keys()
+
+
+def test_ingest_without_a_world_or_list_is_a_clear_error(tmp_path):
+    proc, _ = capfilt("ingest", "--config", TINY, "--root", str(tmp_path / "empty"))
+    assert proc.returncode == 1
+    assert "capfilt synth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _jpeg(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+NASTY_CAPTIONS = {
+    "emoji": "a red square 🟥🎉 with 👩🏽‍🚀 and é ñ 中文",
+    "control": "tab\there bell\x07 escape\x1b[31m nul\x00 cr\r lf\n crlf\r\n vt\x0b ff\x0c del\x7f",
+    "long": ("0123456789" * 1000),
+    "typed": "007",
+    "null_word": "NA",
+    "empty": "",
+    "spaces": "  leading and trailing  ",
+    "quotes": 'she said "hi", then; left, \'ok\'',
+}
+
+
+def test_bad_input_is_recorded_and_good_images_keep_their_captions_byte_for_byte(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    good = _jpeg((40, 30))
+    for name in NASTY_CAPTIONS:
+        (site / f"{name}.jpg").write_bytes(good)
+    (site / "corrupt.jpg").write_bytes(good[:300] + bytes(range(256)) * 4)
+    (site / "zero.jpg").write_bytes(b"")
+    (site / "page.jpg").write_bytes(b"<!doctype html><html><body><h1>Not an image</h1></body></html>")
+    (site / "pixel.jpg").write_bytes(_jpeg((1, 1)))
+    refused = f"http://127.0.0.1:{_free_port()}/nothing-listens.jpg"
+
+    with serve_directory(str(site)) as base:
+        rows = [(f"{base}/{name}.jpg", cap) for name, cap in NASTY_CAPTIONS.items()]
+        bad = {
+            f"{base}/missing.jpg": ("failed_to_download", "404"),
+            refused: ("failed_to_download", "refused"),
+            f"{base}/corrupt.jpg": ("failed_to_resize", "decod"),
+            f"{base}/zero.jpg": ("failed_to_resize", ""),
+            f"{base}/page.jpg": ("failed_to_resize", "decod"),
+            f"{base}/pixel.jpg": ("failed_to_resize", "too small"),
+        }
+        rows += [(u, f"bad {i} ✗\t") for i, u in enumerate(bad)]
+        list_path = tmp_path / "urls.csv"
+        with open(list_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["link", "text"])
+            w.writerows(rows)
+        root = str(tmp_path / "run")
+        proc, seconds = capfilt(
+            "ingest", "--config", TINY, "--root", root, "--set", f"ingest.url_list={list_path}",
+            "--set", "ingest.input_format=csv", "--set", "ingest.url_col=link", "--set", "ingest.caption_col=text",
+            "--set", "ingest.source=userlist", "--set", "ingest.shard_size=8", "--set", "ingest.timeout=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = storage.RunRoot(root).ingest("userlist")
+    assert storage.is_committed(out)
+    samples, parquet_rows = read_shards(out)
+    caption_of = dict(rows)
+    landed = {json.loads(s["json"])["url"]: s for s in samples.values()}
+    assert set(landed) == {u for u, _ in rows[:len(NASTY_CAPTIONS)]}
+    for url, files in landed.items():
+        assert files["txt"] == caption_of[url].encode("utf-8"), url
+        assert "jpg" in files
+    # Every URL has exactly one recorded row; every bad one a failure status and message.
+    assert sorted(r["url"] for r in parquet_rows) == sorted(caption_of)
+    by_url = {r["url"]: r for r in parquet_rows}
+    for url, (status, message) in bad.items():
+        assert by_url[url]["status"] == status, (url, by_url[url])
+        assert message.lower() in by_url[url]["error_message"].lower(), (url, by_url[url]["error_message"])
+    for r in parquet_rows:
+        assert r["caption"] == caption_of[r["url"]]
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    assert manifest["total"] == len(rows) and manifest["successes"] == len(NASTY_CAPTIONS)
+    assert manifest["failures_by_status"] == {"failed_to_download": 2, "failed_to_resize": 4}
+    print(f"\nbad-input ingest: {seconds:.1f}s; failures by error: {manifest['failures_by_error']}")
+
+
+def test_world_server_serves_images_only_on_loopback(tmp_path):
+    from pipelines.config import WorldConfig
+    from pipelines.synthetic import generate_world
+
+    world = str(tmp_path / "world")
+    generate_world(WorldConfig(n_web=3, n_human=1, n_test=1), 0, world)
+    with serve_world(world) as base:
+        assert base.startswith("http://127.0.0.1:")
+        body = urllib.request.urlopen(f"{base}/web/000001.jpg", timeout=5).read()
+        assert body == (Path(world) / "images" / "web" / "000001.jpg").read_bytes()
+        for bad in ("/web/999999.jpg", "/../truth/web.parquet", "/%2e%2e/web.parquet", "/", "/web"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + bad, timeout=5)
+            assert err.value.code == 404, bad
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/web/000001.jpg", timeout=2)  # stopped with the context
+
+
+def test_url_list_formats_read_the_same_exact_strings(tmp_path):
+    """CSV, TSV, JSONL, Parquet and TXT lists normalise to the same url/caption strings."""
+    import pyarrow as pa
+
+    from pipelines.config import IngestConfig
+    from pipelines.ingest import IngestError, prepare_url_list
+
+    rows = [(f"http://127.0.0.1:9/{i}.jpg", c) for i, c in enumerate(NASTY_CAPTIONS.values())]
+    with open(tmp_path / "l.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("u", "c"), *rows])
+    with open(tmp_path / "l.tsv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows([("u", "c"), *rows])
+    with open(tmp_path / "l.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"u": u, "c": c, "extra": 1}) + "\n" for u, c in rows)
+    pq.write_table(pa.table({"u": [u for u, _ in rows], "c": [c for _, c in rows], "x": list(range(len(rows)))}),
+                   tmp_path / "l.parquet")
+    (tmp_path / "l.txt").write_text("".join(u + "\n" for u, _ in rows))
+    for fmt in ("csv", "tsv", "jsonl", "parquet"):
+        folder = tmp_path / f"out-{fmt}"
+        folder.mkdir()
+        ic = IngestConfig(url_list=str(tmp_path / f"l.{fmt}"), input_format=fmt, url_col="u", caption_col="c")
+        prepared = prepare_url_list(ic, str(folder))
+        table = pq.read_table(folder / "00000.parquet")
+        assert table.column_names == ["url", "caption"] and prepared.rows == len(rows)
+        assert list(zip(table["url"].to_pylist(), table["caption"].to_pylist())) == rows, fmt
+    folder = tmp_path / "out-txt"
+    folder.mkdir()
+    prepared = prepare_url_list(IngestConfig(url_list=str(tmp_path / "l.txt"), input_format="txt"), str(folder))
+    assert pq.read_table(folder / "00000.parquet")["url"].to_pylist() == [u for u, _ in rows]
+    assert not prepared.has_caption
+    with pytest.raises(IngestError, match="ingest.url_col"):
+        prepare_url_list(IngestConfig(url_list=str(tmp_path / "l.csv"), input_format="csv", url_col="nope",
+                                      caption_col="c"), str(folder))
+    with pytest.raises(IngestError, match="does not exist"):
+        prepare_url_list(IngestConfig(url_list=str(tmp_path / "none.csv"), input_format="csv"), str(folder))
+    # A directory of lists: every file, in name order.
+    (tmp_path / "many").mkdir()
+    for k in range(3):
+        pq.write_table(pa.table({"url": [f"http://x/{k}-{i}" for i in range(k + 1)], "caption": ["c"] * (k + 1)}),
+                       tmp_path / "many" / f"part-{k}.parquet")
+    folder = tmp_path / "out-many"
+    folder.mkdir()
+    prepared = prepare_url_list(IngestConfig(url_list=str(tmp_path / "many")), str(folder))
+    assert prepared.rows_per_file == [1, 2, 3] and prepared.expected_shards(2) == [0, 1, 2, 3]
+    assert os.listdir(folder) and sorted(os.listdir(folder)) == ["00000.parquet", "00001.parquet", "00002.parquet"]
