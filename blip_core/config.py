@@ -81,7 +81,7 @@ class BlipConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(f"invalid BLIP config: {_explain(err)}") from None
+            raise ValueError(f"invalid BLIP config: {explain_validation_error(err)}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BlipConfig":
@@ -92,7 +92,8 @@ class BlipConfig(_Strict):
         return cls.from_dict(data)
 
 
-def _explain(err: ValidationError) -> str:
+def explain_validation_error(err: ValidationError) -> str:
+    """One line naming every bad field by its dotted path (used by the run config too)."""
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
