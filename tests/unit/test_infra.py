@@ -1,0 +1,51 @@
+"""Offline checks of the deployment files in infra/: schemas, versions, and the GPU layout."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import ray
+import yaml
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+
+def test_ray_cluster_launcher_config_matches_rays_schema():
+    config = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    types = config["available_node_types"]
+    assert "GPU" not in types[config["head_node_type"]]["resources"]
+    gpu_groups = [t for name, t in types.items() if t["resources"].get("GPU", 0) > 0]
+    assert gpu_groups and all(t["max_workers"] >= t.get("min_workers", 0) for t in gpu_groups)
+    assert "RAY_AUTH_MODE=token" in " ".join(config["docker"]["run_options"])
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_kuberay_manifest_is_a_complete_raycluster():
+    doc = yaml.safe_load((INFRA / "kuberay" / "raycluster.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    spec = doc["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    (gpu,) = spec["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    assert head["image"] == worker["image"]
+    for c in (head, worker):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "capfilt-ray-token"
+
+
+def test_container_image_matches_the_installed_ray_and_python():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert "pip uninstall -y dataclasses" in text
+    for path in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)", text, flags=re.M):
+        assert (INFRA.parent / path).exists(), f"Dockerfile copies {path}, which the repository lacks"
