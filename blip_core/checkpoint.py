@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file
 
 from .config import BlipConfig
 from .tokenizer import BlipTokenizer
@@ -28,9 +29,10 @@ def save_pretrained(model, directory: str | os.PathLike) -> str:
     d = Path(directory)
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the renamed checkpoint private to this user
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.model_dump()}
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    save_file(_unaliased_state(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(tmp)
     if d.exists():
@@ -41,6 +43,31 @@ def save_pretrained(model, directory: str | os.PathLike) -> str:
     else:
         os.replace(tmp, d)
     return checkpoint_id(d)
+
+
+def _unaliased_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name (encoder before decoder, embeddings
+    before the tied LM head). safetensors' ``save_model`` records the dropped aliases in the file's metadata in
+    an order that changes from call to call, so equal weights gave different bytes and different ids."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in model.state_dict().items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else (name,)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _rmtree(p: Path) -> None:
@@ -70,14 +97,32 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
 
         model = load_official_pth(p)
     elif p.is_dir() and (p / CONFIG).exists():
-        meta = json.loads((p / CONFIG).read_text())
+        try:
+            meta = json.loads((p / CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{p / CONFIG} is not valid JSON: {err}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{p / CONFIG} must hold a JSON object, not {type(meta).__name__}")
         if meta.get("format") == FORMAT:
             if meta.get("format_version", 0) > FORMAT_VERSION:
                 raise ValueError(f"{p} was written by a newer capfilt (format_version {meta['format_version']})")
-            config = BlipConfig.from_dict(meta["config"])
+            if not isinstance(meta.get("config"), dict):
+                raise ValueError(f"{p / CONFIG} has no 'config' object")
+            try:
+                config = BlipConfig.from_dict(meta["config"])
+            except ValueError as err:
+                raise ValueError(f"{p / CONFIG}: {err}") from None
             tok = BlipTokenizer.from_pretrained(p) if (p / "tokenizer.json").exists() else None
             model = BlipModel(config, tok)
-            missing, unexpected = load_model(model, str(p / WEIGHTS), strict=False)
+            if not (p / WEIGHTS).is_file():
+                raise FileNotFoundError(f"{p} has {CONFIG} but no {WEIGHTS}")
+            try:
+                missing, unexpected = load_model(model, str(p / WEIGHTS), strict=False)
+            except (RuntimeError, SafetensorError) as err:  # shapes of another architecture, a corrupt file
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                shown = "; ".join(lines[1:4] if len(lines) > 1 else lines)
+                more = f" (and {len(lines) - 4} more)" if len(lines) > 4 else ""
+                raise ValueError(f"{p / WEIGHTS} does not match {p / CONFIG}: {shown}{more}") from None
             if missing or unexpected:
                 raise ValueError(
                     f"{p} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

@@ -173,7 +173,12 @@ class BlipLosses(nn.Module):
             raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {OBJECTIVES}")
         m, cfg = self.model, self.model.config
         alpha = cfg.alpha if alpha is None else alpha
+        images = m.check_images(images)  # once, for the online and the momentum encoders alike
         b = images.shape[0]
+        if input_ids.shape[0] != b or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"one text per image: {b} images, input_ids {list(input_ids.shape)}, attention_mask {list(attention_mask.shape)}")
+        if image_ids is not None and len(image_ids) != b:
+            raise ValueError(f"image_ids must give one id per image: {b} images, {len(image_ids)} ids")
         if image_ids is None:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             image_ids = self.samples_seen + _rank() * b + torch.arange(b, device=images.device)
@@ -183,7 +188,7 @@ class BlipLosses(nn.Module):
             m.temp.clamp_(0.001, 0.5)
         losses: dict[str, torch.Tensor] = {}
         with m.autocast():
-            image_embeds = m.vision.forward_features(m.check_images(images))
+            image_embeds = m.vision.forward_features(images)
         need_feats = "itc" in objectives or "itm" in objectives
         if need_feats:
             text_embeds = m.encode_text_ids(input_ids, attention_mask)

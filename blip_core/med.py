@@ -28,6 +28,9 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        n, limit = past_length + input_ids.shape[1], self.position.num_embeddings
+        if n > limit:
+            raise ValueError(f"{n} token positions exceed text.max_positions ({limit}): use shorter texts or a smaller max_length")
         pos = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
         return self.dropout(self.norm(self.word(input_ids) + self.position(pos)))
 

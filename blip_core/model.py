@@ -83,6 +83,8 @@ class BlipModel(nn.Module):
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer; pass token ids or attach one (model.tokenizer = ...)")
+        if isinstance(texts, str):  # else its characters would be taken for texts ("texts[1] is empty")
+            raise TypeError("texts must be a sequence of strings, not one string")
         for i, t in enumerate(texts):
             if isinstance(t, str) and not t.strip():
                 raise ValueError(f"texts[{i}] is empty")

