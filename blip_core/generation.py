@@ -67,6 +67,8 @@ def beam_search(
     plen = prompt_ids.shape[1]
     if max_length <= plen:
         raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    if max_length > med.cfg.max_positions:  # else it fails only after generating max_positions tokens
+        raise ValueError(f"max_length ({max_length}) would exceed text.max_positions ({med.cfg.max_positions})")
     logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, nb)
 
     running = torch.full((B, nb, max_length), pad_token_id, dtype=torch.long, device=dev)
@@ -146,6 +148,8 @@ def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_le
     plen = prompt_ids.shape[1]
     if max_length <= plen:
         raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
+    if max_length > med.cfg.max_positions:  # else it fails only after generating max_positions tokens
+        raise ValueError(f"max_length ({max_length}) would exceed text.max_positions ({med.cfg.max_positions})")
     logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k)
     seqs = prompt_ids.expand(B * k, -1).clone()
     alive = torch.ones(B * k, dtype=torch.bool, device=dev)

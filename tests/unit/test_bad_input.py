@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from blip_helpers import images, make_model, tiny_config, tokenizer  # noqa: F401  (fixtures)
@@ -43,7 +42,7 @@ def _n(x) -> int:
         ((images(2) * 50).clamp(0, 255).to(torch.uint8), TypeError, "normalised floats, got dtype torch.uint8"),
         (images(2, size=36), ValueError, r"multiples of the patch size 8, got \[36, 36\]"),
         (images(2)[:, :, :, :30], ValueError, r"multiples of the patch size 8, got \[32, 30\]"),
-        (images(2).numpy(), TypeError, "must be a torch.Tensor"),
+        (images(2).numpy(), TypeError, r"must be a torch.Tensor \[B, 3, H, W\], got ndarray"),
     ],
     ids=["no-batch", "one-channel", "channels-last", "uint8", "not-multiple", "not-multiple-width", "numpy"],
 )
@@ -100,10 +99,15 @@ def test_a_text_of_ten_thousand_characters_is_truncated(model):
     assert torch.isfinite(model.itm_score(x, ["x" * 10_000])).all()
 
 
-def test_generation_beyond_the_position_table_is_named(model):
+def test_sequences_beyond_the_position_table_are_named(model):
     limit = model.config.text.max_positions
-    with pytest.raises(ValueError, match=f"exceed text.max_positions \\({limit}\\)"):
-        model.generate(images(1), num_beams=1, max_length=limit + 5, min_length=limit + 5)
+    for kw in (dict(num_beams=1), dict(num_beams=3), dict(top_p=0.9, seeds=[0])):
+        with pytest.raises(ValueError, match=f"max_length \\({limit + 5}\\) would exceed text.max_positions \\({limit}\\)"):
+            model.generate(images(1), max_length=limit + 5, **kw)
+    too_long = torch.full((1, limit + 1), 7)
+    with pytest.raises(ValueError, match=f"{limit + 1} token positions exceed text.max_positions \\({limit}\\)"):
+        model.encode_text_ids(too_long)
+    model.encode_text_ids(too_long[:, :limit])  # the whole table is usable
 
 
 def test_loss_batch_mismatch_is_named(model):
@@ -240,7 +244,3 @@ def test_missing_path(tmp_path):
     with pytest.raises(ValueError, match=r"w.safetensors is neither a checkpoint directory \(with config.json\) nor a .pth file"):
         BlipModel.from_pretrained(weights_only)
 
-
-def test_numpy_images_error_mentions_conversion(model):
-    with pytest.raises(TypeError, match="got ndarray"):
-        model.encode_image(np.zeros((1, 3, 32, 32), dtype=np.float32))
