@@ -43,7 +43,7 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool | None = None) -> st
         if dashboard is None:
             dashboard = os.environ.get("CAPFILT_RAY_DASHBOARD", "0") == "1"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 node_ip_address="127.0.0.1", log_to_driver=True)
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
         where = "local Ray on 127.0.0.1"
     log.info("using %s (%s)", where, ray.get_runtime_context().gcs_address)
     return where
