@@ -6,6 +6,8 @@ round's bootstrapped dataset); a *source* lists its units and reads one, front t
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -49,14 +51,14 @@ class Unit:
     size: int | None = None
 
 
-class Source:
+class Source(abc.ABC):
     """A set of units and how to read one. Subclasses: ShardSource, KarpathySource, BootstrappedSource."""
 
-    def units(self, with_sizes: bool = False) -> list[Unit]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def units(self, with_sizes: bool = False) -> list[Unit]: ...
 
-    def read(self, unit: Unit) -> Iterator[RawSample]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, unit: Unit) -> Iterator[RawSample]: ...
 
     storage_options: dict = {}  # fsspec options for this source's files; subclasses set their own
 
