@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
+from blip_core.config import explain_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -76,6 +77,182 @@ class ModelSection(_Section):
     init_text_from_bert: str | None = None
 
 
+INIT_CHOICES = ("scratch", "previous", "pretrain")
+
+
+class TrainJob(_Section):
+    """One Ray Train job. Subclasses carry the paper's defaults for each job; every field can be set per job.
+
+    ``batch_size`` is global (all workers together) and must divide evenly over ``workers``. ``epochs`` counts
+    passes over the job's stream; ``max_steps`` (optimizer steps) overrides it when set. The learning rate warms
+    up linearly from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then follows a cosine to ``min_lr`` at the
+    last step. ``init``: ``scratch``, ``previous`` (round K-1's pre-trained model), ``pretrain`` (round K's
+    pre-trained model: the fine-tunes' start), or a checkpoint path/URL (our format, HF BLIP dir or BLIP .pth).
+    """
+
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker (its DataLoader workers included)")
+    batch_size: int = Field(256, ge=1, description="global batch size, all workers together")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    lr: float = Field(1e-5, gt=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)  # AdamW, as the paper
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    image_size: int = Field(384, ge=16)
+    bf16: bool = Field(True, description="bf16 autocast; only ever on GPU")
+    grad_checkpointing: bool = Field(False, description="ViT gradient checkpointing (memory for compute)")
+    init: str = Field("pretrain", description="scratch | previous | pretrain | a checkpoint path or URL")
+    checkpoint_every_steps: int = Field(1000, ge=1, description="Ray Train checkpoint every N steps (and every epoch)")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker crashes retried from the last checkpoint")
+    dataloader_workers: int = Field(4, ge=0, description="DataLoader worker processes per Ray Train worker")
+    shuffle_buffer: int = Field(1000, ge=0)
+    max_text_length: int = Field(35, ge=4, description="tokens, [CLS]/[DEC] and [SEP] included")
+    log_every_steps: int = Field(50, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    hflip: bool = Field(True, description="random horizontal flips; false for worlds whose captions say left/right")
+    randaugment: bool = True
+
+    @model_validator(mode="after")
+    def _check_job(self) -> "TrainJob":
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})")
+        if not self.init.strip():
+            raise ValueError(f"init must be one of {list(INIT_CHOICES)} or a checkpoint path")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        return self
+
+
+class PretrainJob(TrainJob):
+    # The paper: ViT-B batch 2880, lr warmed up to 3e-4 (ViT-L: batch 2400, 2e-4) from 1e-6 over 3000 steps, 20
+    # epochs at 224 px, then decayed by 0.85 per epoch; here the decay is a cosine to min_lr.
+    batch_size: int = Field(2880, ge=1, description="global batch size, all workers together")
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(3000, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    image_size: int = Field(224, ge=16)
+    init: str = Field("scratch", description="scratch (the paper's choice for the next round) | previous | a checkpoint")
+    max_text_length: int = Field(30, ge=4, description="tokens, [CLS]/[DEC] and [SEP] included")
+
+
+class CaptionerJob(TrainJob):
+    # BLIP's caption_coco.yaml: 32 per GPU x 8 GPUs = 256, lr 1e-5 (ViT-B), 5 epochs at 384 px, cosine to 0.
+    epochs: int = Field(5, ge=1)
+    max_text_length: int = Field(40, ge=4, description="tokens, prompt included")
+
+
+class FilterJob(TrainJob):
+    # BLIP's retrieval_coco.yaml: 32 per GPU x 8 GPUs = 256, lr 1e-5 (ViT-B), 6 epochs at 384 px, cosine to 0.
+    epochs: int = Field(6, ge=1)
+
+
+class TrainConfig(_Section):
+    """``capfilt pretrain`` and ``capfilt finetune --role captioner|filter``."""
+
+    pretrain: PretrainJob = PretrainJob()
+    captioner: CaptionerJob = CaptionerJob()
+    filter: FilterJob = FilterJob()
+
+
+class ActorPool(_Section):
+    """One Ray Data actor pool (a model stage of ``capfilt caption-filter``).
+
+    ``batch_size`` is the number of images Ray hands an actor per call; the model itself always runs on fixed
+    shapes of ``capfilt.model_batch_size`` images (see ``pipelines/capfilt.py``), so neither this nor ``actors``
+    changes a caption or a score.
+    """
+
+    actors: int = Field(1, ge=1, description="actors in the pool (one per GPU on a cluster)")
+    batch_size: int = Field(64, ge=1, description="images per actor call")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per actor")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; null: 1 when capfilt.use_gpu, else 0")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: max(1, num_cpus)")
+
+
+class ClipScoreConfig(_Section):
+    """The optional LAION-style CLIP score column, from any open_clip architecture and a local checkpoint."""
+
+    enabled: bool = False
+    model: str = Field("ViT-B-32", description="open_clip architecture name")
+    checkpoint: str | None = Field(None, description="weights file (.safetensors/.bin/.pt, any fsspec URL); required")
+    model_config_file: str | None = Field(None, description="JSON config of a custom architecture named `model`")
+    pool: ActorPool = ActorPool()
+
+    @model_validator(mode="after")
+    def _check_clip(self) -> "ClipScoreConfig":
+        if self.enabled and not self.checkpoint:
+            raise ValueError("checkpoint is required when the CLIP score is enabled (nothing is downloaded)")
+        return self
+
+
+class CapfiltConfig(_Section):
+    """``capfilt caption-filter``: caption every ingested image and score web and synthetic texts.
+
+    Checkpoints default to round K's fine-tunes: ``<root>/round=K/captioner/model``, ``<root>/round=K/filter/model``.
+    """
+
+    source: str | None = Field(None, description="ingest source to caption; null: ingest.source")
+    captioner: str | None = Field(None, description="captioner checkpoint (path/URL); null: round K's")
+    filter: str | None = Field(None, description="filter checkpoint (path/URL); null: round K's")
+    num_samples: int = Field(1, ge=1, le=64, description="synthetic captions per image (K)")
+    method: Literal["nucleus", "beam"] = Field("nucleus", description="the paper: nucleus sampling")
+    top_p: float = Field(0.9, gt=0, le=1)
+    num_beams: int = Field(3, ge=1)
+    max_length: int = Field(30, ge=2, description="tokens, [DEC] and the prompt included")
+    min_length: int = Field(5, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    prompt: str | None = Field(None, description="null: the captioner's own (\"a picture of \")")
+    image_size: int | None = Field(None, ge=16, description="captioner/filter input size; null: each checkpoint's")
+    itm_threshold: float = Field(0.5, ge=0, le=1, description="keep a text when the filter's P(match) exceeds it")
+    keep_top_k_synthetic: int | None = Field(None, ge=1, description="keep at most the k best synthetic texts")
+    max_text_chars: int = Field(2000, ge=1, description="longer web texts get status text_too_long")
+    model_batch_size: int = Field(8, ge=1, description="images per model call: fixed shapes, so batch-invariant")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast on GPU")
+    use_gpu: bool | None = Field(None, description="null: when the Ray cluster has GPUs")
+    captioner_pool: ActorPool = ActorPool()
+    filter_pool: ActorPool = ActorPool()
+    decode_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per shard read+decode task")
+    decode_batch_rows: int = Field(64, ge=1, description="rows per block the decode task yields")
+    decode_concurrency: int | None = Field(None, ge=1, description="max concurrent decode tasks; null: Ray's choice")
+    shards_per_unit: int = Field(1, ge=1, description="shards per commit unit (one Parquet file each)")
+    row_group_size: int = Field(32768, ge=1024, description="rows per Parquet row group")
+    clip: ClipScoreConfig = ClipScoreConfig()
+
+    @model_validator(mode="after")
+    def _check_capfilt(self) -> "CapfiltConfig":
+        if self.method == "beam" and self.num_samples > self.num_beams:
+            raise ValueError(f"num_samples ({self.num_samples}) must be <= num_beams ({self.num_beams}) with beam search")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length})")
+        return self
+
+
+class EvalConfig(_Section):
+    """``capfilt eval``: round K's pre-trained model on the held-out set (``human.test``), the same protocol
+    for every round. Retrieval: ITC top-``retrieval_k`` re-ranked by ITM (256 for COCO). Captioning: beam
+    search with the pre-trained decoder; ``prompt`` "" because pre-training uses none."""
+
+    retrieval_k: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    image_size: int | None = Field(None, ge=16, description="null: the model's own resolution")
+    num_beams: int = Field(3, ge=1)
+    max_length: int = Field(20, ge=2)
+    min_length: int = Field(5, ge=0)
+    prompt: str = ""
+
+
+class FlowConfig(_Section):
+    """The bootstrap flow: how many CapFilt rounds (the paper does one)."""
+
+    rounds: int = Field(1, ge=1)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -83,6 +260,10 @@ class RunConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     human: HumanConfig = HumanConfig()
     model: ModelSection = ModelSection()
+    train: TrainConfig = TrainConfig()
+    capfilt: CapfiltConfig = CapfiltConfig()
+    eval: EvalConfig = EvalConfig()
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _check_sources(self) -> "RunConfig":
@@ -117,16 +298,7 @@ def validate_config(data: dict, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config {source}: {explain(err)}") from None
-
-
-def explain(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+        raise ConfigError(f"invalid config {source}: {explain_validation_error(err)}") from None
 
 
 def apply_override(data: dict, item: str) -> None:

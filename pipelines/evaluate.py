@@ -7,6 +7,7 @@ retrieval (image -> its captions) and image retrieval (caption -> its image). Ca
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -151,3 +152,75 @@ def caption_metrics(
         metrics["caption_attribute_accuracy"] = 100.0 * correct / max(total, 1)
     metrics["images"] = len(rows)
     return metrics, rows
+
+
+def world_attribute_scorer(root: str) -> Callable[[str, str], dict] | None:
+    """(image_id, caption) -> attribute accuracy against the synthetic world's ground truth, or None when the
+    run has no world. Only evaluation reads ``world/truth/``."""
+    import pyarrow.parquet as pq
+
+    from . import storage
+    from .synthetic import caption_attribute_accuracy
+
+    truth_url = storage.join(storage.RunRoot(root).world(), "truth", "images.parquet")
+    fs, path = storage.filesystem(truth_url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["image_id", "facts"])
+    facts = dict(zip(table.column("image_id").to_pylist(), (json.loads(x) for x in table.column("facts").to_pylist())))
+
+    def score(image_id: str, caption: str) -> dict:
+        return caption_attribute_accuracy(facts[image_id], caption)
+
+    return score
+
+
+def run_eval(cfg, root: str, round: int) -> dict:
+    """``capfilt eval --round K``: writes ``<root>/round=K/eval/metrics.json`` (+ ``captions.jsonl``), committed."""
+    import time
+
+    from blip_core.transforms import eval_transform
+
+    from . import storage
+    from .karpathy import KarpathyDataset
+    from .modeling import human_set, load_model
+
+    rr = storage.RunRoot(root)
+    out = rr.round(round, "eval")
+    if storage.is_committed(out):
+        log.info("round %d evaluation is committed: %s", round, out)
+        return storage.read_json(storage.join(out, "metrics.json"))
+    model_url = storage.join(rr.round(round, "pretrain"), "model")
+    if not storage.is_committed(rr.round(round, "pretrain")):
+        raise FileNotFoundError(f"round {round} has no committed pre-trained model at {model_url}: run capfilt pretrain first")
+    e = cfg.eval
+    model = load_model(model_url, image_size=e.image_size)
+    hs = human_set(cfg, root)
+    data = KarpathyDataset(hs["test"], hs["image_root"], transform=eval_transform(model.config.vision.image_size))
+    t0 = time.perf_counter()
+    retrieval = retrieval_metrics(model, data, k=e.retrieval_k, batch_size=e.batch_size)
+    captioning, rows = caption_metrics(model, data, batch_size=e.batch_size, num_beams=e.num_beams,
+                                       max_length=e.max_length, min_length=e.min_length, prompt=e.prompt,
+                                       attribute_accuracy=world_attribute_scorer(root))
+    metrics = {
+        "round": round, "model": model_url, "test_set": hs["test"], "images": len(data),
+        "retrieval": retrieval, "captioning": captioning,
+        "retrieval_r1": (retrieval["txt_r1"] + retrieval["img_r1"]) / 2,
+        "caption_attribute_accuracy": captioning.get("caption_attribute_accuracy"),
+        "cider": captioning["cider"], "seconds": round_(time.perf_counter() - t0),
+    }
+    fs, path = storage.filesystem(out)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(storage.join(path, "captions.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.commit(out, {"round": round, "retrieval_r1": metrics["retrieval_r1"]})
+    log.info("round %d: retrieval R@1 %.1f, CIDEr %.1f, attribute accuracy %s", round, metrics["retrieval_r1"],
+             metrics["cider"], metrics["caption_attribute_accuracy"])
+    return metrics
+
+
+def round_(x: float, n: int = 2) -> float:
+    return float(f"{x:.{n}f}")

@@ -70,3 +70,16 @@ class RunRoot:
 
     def round(self, k: int, stage: str) -> str:
         return join(self.root, f"round={k}", stage)
+
+
+def check_root_writable(root: str) -> None:
+    """Fail fast, before any cluster work, when the run root cannot be written (bad bucket, no credentials)."""
+    fs, path = filesystem(root)
+    probe = join(path, f".capfilt-probe-{time.time_ns()}")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "w") as f:
+            f.write("ok")
+        fs.rm(probe)
+    except Exception as err:  # noqa: BLE001 - any failure here means the root is unusable; say which and why
+        raise PermissionError(f"run root {root} is not writable: {type(err).__name__}: {err}") from None

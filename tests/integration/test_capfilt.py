@@ -1,0 +1,396 @@
+"""``capfilt caption-filter`` and ``capfilt assemble`` on the tiny world, on a real local Ray, with a trained tiny
+captioner and filter and a randomly initialised tiny CLIP: rows and schema, the README's DuckDB queries, the
+same rows whatever the actors and batch sizes, a SIGKILL mid-run then a rerun, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.capfilt import OUTPUT_SCHEMA, STATUSES, image_seed, run_caption_filter
+from pipelines.config import load_config
+from pipelines.shards import iter_shard, list_shards, shard_name
+
+from capfilt_helpers import (kill_group, link_inputs, link_models, processes_with_env, start_capfilt,
+                             tiny_clip_checkpoint, train_models, wait_for)
+from integration_helpers import CAPFILT, REPO, TINY
+
+pytestmark = pytest.mark.integration
+
+K = 2
+ROUND = 1
+README = REPO / "README.md"
+# Three pools of 2 actors (0.3 CPU each) and a decode task (0.2) fit in the session's 2 CPUs.
+POOLS_1x8 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool", "clip.pool")
+             for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]
+POOLS_2x3 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool", "clip.pool")
+             for k in ("actors=2", "batch_size=3", "num_cpus=0.3")]
+
+
+def settings(clip: tuple[Path, Path] | None = None) -> list[str]:
+    """The test's CapFilt settings; with ``clip``, the CLIP score too (its own actor pool: only the reference
+    run pays for it; the other runs compare every other column with the reference's)."""
+    out = [f"capfilt.num_samples={K}", "capfilt.keep_top_k_synthetic=1", "capfilt.itm_threshold=0.3",
+           "capfilt.model_batch_size=8", "capfilt.decode_num_cpus=0.2"]
+    if clip is not None:
+        config_file, weights = clip
+        out += ["capfilt.clip.enabled=true", "capfilt.clip.model=capfilt-tiny-clip",
+                f"capfilt.clip.checkpoint={weights}", f"capfilt.clip.model_config_file={config_file}"]
+    return out
+
+
+def without_clip(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["clip_score"])
+
+
+def read_output(root: str) -> pa.Table:
+    files = sorted((Path(root) / f"round={ROUND}" / "capfilt").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files]).replace_schema_metadata(None)
+    return table.sort_by([("shard", "ascending"), ("key", "ascending"), ("candidate", "ascending", "at_start")])
+
+
+def key_set(table: pa.Table) -> list[tuple]:
+    return list(zip(table["key"].to_pylist(), table["source"].to_pylist(), table["candidate"].to_pylist()))
+
+
+def readme_sql() -> list[str]:
+    """The ```sql blocks of the README's CapFilt section, in order."""
+    text = README.read_text()
+    section = text[text.index("### Querying with DuckDB"):text.index("### Assemble")]
+    return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_world: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    t0 = time.time()
+    out = train_models(Path(tiny_world) / "world", tmp_path_factory.mktemp("capfilt-models"))
+    print(f"\ntiny captioner + filter trained in {time.time() - t0:.1f}s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_clip_checkpoint(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def quiet_ray(ray_session: str) -> str:
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray_session
+
+
+def new_root(tiny_world: str, models: dict[str, Path], tmp_path: Path, name: str) -> str:
+    root = link_inputs(tiny_world, tmp_path / name)
+    link_models(models, root, ROUND)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_world, models, clip, quiet_ray, tmp_path_factory) -> dict:
+    """An uninterrupted in-process run with one actor per pool and Ray batches of 8."""
+    root = new_root(tiny_world, models, tmp_path_factory.mktemp("capfilt-ref"), "run")
+    overrides = settings(clip) + POOLS_1x8
+    cfg = load_config(TINY, overrides)
+    t0 = time.time()
+    summary = run_caption_filter(cfg, root, ROUND)
+    seconds = time.time() - t0
+    print(f"\nreference caption-filter run: {summary['images']} images in {seconds:.1f}s (Ray already up)")
+    return {"root": root, "summary": summary, "table": read_output(root), "seconds": seconds, "overrides": overrides}
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def test_rows_schema_decisions_and_the_readme_queries(reference, tiny_world, models):
+    import duckdb
+
+    root, table = reference["root"], reference["table"]
+    out = Path(root) / f"round={ROUND}" / "capfilt"
+    assert storage.is_committed(str(out))
+    shards = list_shards(storage.RunRoot(tiny_world).ingest("web"))
+    images = {(shard_name(u), s.key): s for u in shards for s in iter_shard(u)}
+    assert len(images) == 300
+    # One web row and K synthetic rows per decodable image, unique per (key, source, candidate).
+    assert table.num_rows == len(images) * (1 + K)
+    keys = key_set(table)
+    assert len(set(keys)) == len(keys)
+    assert set(keys) == {(k, "web", None) for _, k in images} | {(k, "synthetic", j) for _, k in images for j in range(K)}
+    assert {(s, k) for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())} == set(images)
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+
+    rows = table.to_pylist()
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["key"], []).append(r)
+        assert r["status"] in STATUSES and r["round"] == ROUND
+        if r["status"] == "ok":
+            assert r["itm_score"] is not None and 0.0 <= r["itm_score"] <= 1.0
+            assert r["itc_score"] is not None and -1.0001 <= r["itc_score"] <= 1.0001
+            assert r["clip_score"] is not None and -1.0001 <= r["clip_score"] <= 1.0001
+        else:
+            assert r["itm_score"] is None and not r["keep"] and r["drop_reason"] == "bad_input"
+    for (shard, key), sample in images.items():
+        web, *syn = sorted(by_image[key], key=lambda r: -1 if r["candidate"] is None else r["candidate"])
+        assert web["source"] == "web" and web["text"] == sample.text and web["url"] == sample.meta["url"]
+        assert web["seed"] is None and web["text_length"] == len(sample.text)
+        assert web["keep"] == (web["status"] == "ok" and web["itm_score"] > 0.3)
+        assert [s["candidate"] for s in syn] == list(range(K))
+        assert all(s["seed"] == image_seed(0, key) for s in syn)
+        passing = [s for s in syn if s["status"] == "ok" and s["itm_score"] > 0.3]
+        best = min(passing, key=lambda s: (-s["itm_score"], s["candidate"])) if passing else None
+        for s in syn:
+            assert s["keep"] == (s is best)
+            assert s["drop_reason"] == (None if s is best else "not_top_k" if s in passing else
+                                        "itm_below_threshold" if s["status"] == "ok" else "bad_input")
+    ids = {r["captioner_id"] for r in rows}, {r["filter_id"] for r in rows}
+    from blip_core import checkpoint_id
+    assert ids == ({checkpoint_id(models["captioner"] / "model")}, {checkpoint_id(models["filter"] / "model")})
+    kept = pc.sum(table["keep"]).as_py()
+    assert 0 < kept < table.num_rows, "the test's threshold should keep some texts and drop others"
+
+    # Files: zstd, sorted, metadata with the settings and versions, the unit's shards.
+    files = sorted(out.glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-{shard_name(u)}.parquet" for u in shards]
+    for f in files:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+        meta = pf.schema_arrow.metadata
+        s = json.loads(meta[b"capfilt.settings"])
+        assert (s["itm_threshold"], s["num_samples"], s["method"], s["top_p"], s["clip_model"]) == (
+            0.3, K, "nucleus", 0.9, "capfilt-tiny-clip")
+        assert json.loads(meta[b"capfilt.versions"])["torch"]
+        assert meta[b"capfilt.schema_version"] == b"1"
+        t = pf.read()
+        assert t.equals(t.sort_by([("shard", "ascending"), ("key", "ascending"), ("candidate", "ascending", "at_start")]))
+
+    # The README's queries run as written (path replaced), and the kept-share one agrees with the rows.
+    con = duckdb.connect()
+    results = []
+    for sql in readme_sql():
+        results.append(con.execute(sql.replace("runs/demo/round=1/capfilt", str(out))).fetchall())
+    assert len(results) >= 7 and all(r for r in results[1:]), "every README query returns rows"
+    share = {src: (texts, kept) for src, texts, _, kept, _ in results[1]}
+    for src in ("web", "synthetic"):
+        t = table.filter(pc.equal(table["source"], src))
+        assert share[src] == (t.num_rows, pc.sum(t["keep"]).as_py())
+
+    # A rerun of the committed stage does nothing.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    cfg = load_config(TINY, reference["overrides"])
+    assert run_caption_filter(cfg, root, ROUND)["rows"] == table.num_rows
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_assemble_writes_the_manifest_of_human_and_kept_texts(reference):
+    from pipelines.assemble import run_assemble
+    from pipelines.bootstrapped import bootstrapped_sources, read_manifest
+
+    root, table = reference["root"], reference["table"]
+    cfg = load_config(TINY)
+    summary = run_assemble(cfg, root, ROUND)
+    dataset = Path(root) / f"round={ROUND}" / "dataset"
+    assert storage.is_committed(str(dataset))
+    assert json.loads((dataset / "summary.json").read_text()) == summary
+    kept = table.filter(pc.field("keep"))
+    for src in ("web", "synthetic"):
+        assert summary[src] == {"kept": kept.filter(pc.equal(kept["source"], src)).num_rows,
+                                "total": table.filter(pc.equal(table["source"], src)).num_rows}
+    assert summary["human"] == {"pairs": 180, "images": 60}
+    assert summary["total_pairs"] == 180 + kept.num_rows
+    m = read_manifest(str(dataset))
+    assert (m.round, m.capfilt, m.shards) == (ROUND, str(dataset.parent / "capfilt"), str(Path(root) / "ingest" / "web"))
+    # The manifest streams: every kept text comes back once, with its image bytes.
+    human, boot = bootstrapped_sources(str(dataset))
+    samples = [s for u in boot.units() for s in boot.read(u)]
+    assert sorted((s.key, s.text, s.source) for s in samples) == sorted(
+        zip(kept["key"].to_pylist(), kept["text"].to_pylist(), kept["source"].to_pylist()))
+    assert all(s.image for s in samples)
+    assert sum(u.size for u in human.units()) == 180
+
+
+# ----------------------------------------------------------------------------------------- determinism
+def test_two_actors_with_batches_of_3_give_the_rows_of_one_actor_with_batches_of_8(reference, tiny_world, models,
+                                                                                   tmp_path):
+    root = new_root(tiny_world, models, tmp_path, "run")
+    cfg = load_config(TINY, settings() + POOLS_2x3)
+    t0 = time.time()
+    run_caption_filter(cfg, root, ROUND)
+    print(f"\n2 actors x batch 3: {time.time() - t0:.1f}s")
+    other = without_clip(read_output(root))
+    ref = without_clip(reference["table"])
+    assert other.num_rows == ref.num_rows
+    for name in ref.column_names:  # column by column, for a readable failure; floats compared bit for bit
+        assert other[name].equals(ref[name]), name
+
+
+# --------------------------------------------------------------------------------------------- kill
+def test_sigkill_mid_run_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(reference, tiny_world, models,
+                                                                                   tmp_path):
+    root = new_root(tiny_world, models, tmp_path, "run")
+    out = Path(root) / f"round={ROUND}" / "capfilt"
+    marker = f"CAPFILT_TEST_RUN={uuid.uuid4().hex}"
+    ray_tmp = tempfile.mkdtemp(prefix="cfk", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {"CAPFILT_TEST_RUN": marker.split("=", 1)[1], "RAY_TMPDIR": ray_tmp}
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, not the session's
+    args = ["caption-filter", "--config", TINY, "--root", root, "--round", str(ROUND)]
+    # Ray batches of 4 images (each padded to the model's fixed batch of 8) spread the units out in time, so
+    # the kill lands between the first and the last commit; the rows do not depend on it.
+    for s in settings() + POOLS_1x8 + ["capfilt.captioner_pool.batch_size=4"]:
+        args += ["--set", s]
+    done = lambda: sorted((out / "_done").glob("*.json")) if (out / "_done").exists() else []  # noqa: E731
+
+    proc = start_capfilt(*args, env={**base, **env}, log_path=tmp_path / "killed.log")
+    try:
+        wait_for(lambda: len(done()) >= 1, timeout=300, what="the first committed unit", proc=proc, poll=0.02)
+    finally:
+        kill_group(proc)
+    n_done = len(done())
+    total = len(list_shards(str(Path(tiny_world) / "ingest" / "web")))
+    log_text = (tmp_path / "killed.log").read_text(errors="replace")
+    assert 1 <= n_done < total, f"the kill should land mid-run ({n_done}/{total} units done):\n{log_text[-2000:]}"
+    assert not storage.is_committed(str(out))
+    wait_for(lambda: not processes_with_env(marker), timeout=30, what="the killed run's processes to exit")
+    committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.parquet")
+                 if (out / "_done" / f"{p.stem}.json").exists()}
+    assert len(committed) == n_done
+
+    proc = subprocess.run([CAPFILT, *args], capture_output=True, text=True, cwd=REPO, env={**base, **env},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{n_done} already committed, {total - n_done} to do" in proc.stderr
+    assert storage.is_committed(str(out))
+    # Committed units were not recomputed; the final rows are the uninterrupted run's.
+    assert {name: (out / name).stat().st_ino for name in committed} == {n: v[0] for n, v in committed.items()}
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == {n: v[1] for n, v in committed.items()}
+    final = read_output(root)
+    keys = key_set(final)
+    assert len(keys) == len(set(keys)) == reference["table"].num_rows
+    assert without_clip(final).equals(without_clip(reference["table"]))
+    assert not (out / "_tmp").exists() or not list((out / "_tmp").iterdir())
+    wait_for(lambda: not processes_with_env(marker), timeout=30, what="the rerun's processes to exit")
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def _write_tar(path: Path, samples: list[dict], truncate_at: float | None = None) -> None:
+    """A webdataset shard: per sample ``<key>.jpg`` (unless None), ``<key>.txt``, ``<key>.json``."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for s in samples:
+            members = [("json", json.dumps(s["meta"]).encode()), ("txt", s["text"].encode("utf-8"))]
+            if s["image"] is not None:
+                members.insert(0, ("jpg", s["image"]))
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path.write_bytes(data[: int(len(data) * truncate_at)] if truncate_at else data)
+
+
+def test_bad_images_and_texts_get_a_status_and_never_cost_their_neighbours(reference, tiny_world, models,
+                                                                          quiet_ray, tmp_path):
+    root = str(tmp_path / "run")
+    link_models(models, root, ROUND)
+    ingest = Path(root) / "ingest" / "web"
+    ingest.mkdir(parents=True)
+    src = list_shards(str(Path(tiny_world) / "ingest" / "web"))
+    shard0 = [{"key": s.key, "image": s.image, "text": s.text, "meta": s.meta} for s in iter_shard(src[0])]
+    keys = [s["key"] for s in shard0]
+    bad = {keys[3]: "corrupt_image", keys[5]: "corrupt_image", keys[11]: "missing_image",
+           keys[7]: "empty_text", keys[9]: "empty_text", keys[13]: "text_too_long"}
+    shard0[3]["image"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    shard0[5]["image"] = shard0[5]["image"][: len(shard0[5]["image"]) // 3]  # a truncated JPEG
+    shard0[11]["image"] = None
+    shard0[7]["text"] = ""
+    shard0[9]["text"] = "  \n\t "
+    shard0[13]["text"] = "a very long caption " * 200
+    _write_tar(ingest / f"{shard_name(src[0])}.tar", shard0)
+    shard1 = [{"key": s.key, "image": s.image, "text": s.text, "meta": s.meta} for s in iter_shard(src[1])]
+    _write_tar(ingest / f"{shard_name(src[1])}.tar", shard1, truncate_at=0.6)  # a broken shard
+    storage.commit(str(ingest))
+
+    cfg = load_config(TINY, settings() + POOLS_1x8)
+    summary = run_caption_filter(cfg, root, ROUND)
+    got = without_clip(read_output(root))
+    ref = without_clip(reference["table"])
+    rows = got.to_pylist()
+    by_key: dict[str, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault(r["key"], []).append(r)
+    for key, status in bad.items():
+        web = next(r for r in by_key[key] if r["source"] == "web")
+        assert web["status"] == status, key
+        assert web["itm_score"] is None and web["itc_score"] is None
+        assert not web["keep"] and web["drop_reason"] == "bad_input"
+        syn = [r for r in by_key[key] if r["source"] == "synthetic"]
+        if status.endswith("_image"):
+            assert syn == [] and web["error"], key  # no pixels, no captions; the reason is recorded
+        else:  # the image is fine: it is captioned and its captions scored as in the reference run
+            want = ref.filter(pc.and_(pc.equal(ref["key"], key), pc.equal(ref["source"], "synthetic"))).to_pylist()
+            assert syn == want, key
+    assert next(r for r in by_key[keys[13]] if r["source"] == "web")["text_length"] == len(shard0[13]["text"])
+    # Neighbours: every other row of shard 0 is the reference's, to the bit.
+    good = [k for k in keys if k not in bad]
+    mine = got.filter(pc.is_in(got["key"], pa.array(good)))
+    theirs = ref.filter(pc.is_in(ref["key"], pa.array(good)))
+    assert mine.num_rows == len(good) * (1 + K) and mine.equals(theirs)
+    # The broken shard: the rows before the break are there and right; the break is reported, not fatal.
+    read1 = got.filter(pc.equal(got["shard"], shard_name(src[1])))
+    read_keys = sorted(set(read1["key"].to_pylist()))
+    assert 0 < len(read_keys) < len(shard1)
+    assert read1.equals(ref.filter(pc.is_in(ref["key"], pa.array(read_keys))))
+    assert [e["shard"] for e in summary["shard_errors"]] == [shard_name(src[1])]
+    assert summary["by_status"]["corrupt_image"] == 2 and summary["by_status"]["missing_image"] == 1
+    assert summary["by_status"]["empty_text"] == 2 and summary["by_status"]["text_too_long"] == 1
+
+
+# ------------------------------------------------------------------------------------------ object stores
+def test_units_publish_and_are_recognised_on_s3(s3_root):
+    """On an object store a unit's file is written under its final name (an object appears only once its upload
+    completes), then its marker; no temporary objects; a rerun recognises the unit, and not a tampered one."""
+    import fsspec
+    import numpy as np
+
+    from pipelines import capfilt as C
+
+    out = f"{s3_root}/round=1/capfilt"
+    spec = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
+    s = C.Settings(round=1, seed=0, source="web", captioner_url="c", filter_url="f", captioner_id="c" * 16,
+                   filter_id="f" * 16, num_samples=1, method="nucleus", top_p=0.9, num_beams=3, max_length=20,
+                   min_length=5, repetition_penalty=1.0, prompt=None, itm_threshold=0.5, keep_top_k_synthetic=None,
+                   max_text_chars=100, model_batch_size=8, amp="none", use_gpu=False, captioner_pixels=spec,
+                   filter_pixels=spec)
+    shards = [f"{s3_root}/ingest/web/{i:05d}.tar" for i in range(2)]
+    plan = C.load_or_create_plan(out, shards, s, 1)
+    b = {C.UNIT_COLUMN: np.zeros(2, np.int32), "shard": np.array(["00000"] * 2, dtype=object),
+         "key": np.array(["k1", "k0"], dtype=object), "url": np.array([None, None], dtype=object),
+         "seed": np.arange(2, dtype=np.int64), "text": np.array(["a", "b"], dtype=object),
+         "text_length": np.ones(2, np.int32), "text_status": np.array(["ok"] * 2, dtype=object),
+         "image_status": np.array(["ok"] * 2, dtype=object), "error": np.array([None] * 2, dtype=object),
+         "syn_0": np.array(["x", "y"], dtype=object)}
+    scores = np.full((2, 2), 0.7, dtype=np.float32)
+    marker = C.write_unit(out, plan.units[0], C.build_rows(b, scores, scores, s), s, 1024, [])
+    assert C.read_done(out, plan.units[0], plan.fingerprint) == marker
+    assert C.read_done(out, plan.units[1], plan.fingerprint) is None
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
+    assert names == ["_plan.json", "part-00000.json", "part-00000.parquet"]
+    with fs.open(f"{path}/part-00000.parquet", "rb") as f:
+        assert pq.read_table(f)["key"].to_pylist() == ["k0", "k0", "k1", "k1"]
+    fs.pipe(f"{path}/part-00000.parquet", b"half an upload")  # a file that is not the one the marker describes
+    assert C.read_done(out, plan.units[0], plan.fingerprint) is None
