@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     ev.add_argument("--round", type=int, required=True, help="round K")
     boot = sub.add_parser("bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)")
-    _common(boot, root_required=True)
+    _common(boot, root_required=False)
     demo = sub.add_parser("demo", help="the embedded demo (make demo): bootstrap on flows/configs/demo.yaml")
     demo.add_argument("--root", default="runs/demo")
     demo.add_argument("--config", default=None, help="default: the shipped flows/configs/demo.yaml")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dep = sub.add_parser("deploy", help="register deployment `bootstrap` of flow `capfilt` on a process work pool")
-    dep.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+    dep.add_argument("--pool", default=None, help="work pool name (created as a process pool if missing); default: infra/prefect/prefect.yaml's")
     return parser
 
 
@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"capfilt: {err}", file=sys.stderr)
         return 2
+    if args.command == "bootstrap" and not args.root:
+        args.root = f"runs/{cfg.name}"
+    if args.command in ("bootstrap", "demo"):
+        from .storage import check_root_writable
+
+        try:  # before Prefect or Ray start: a bad root fails in a second, not after minutes of work
+            check_root_writable(args.root)
+        except PermissionError as err:
+            print(f"capfilt {args.command}: {err}", file=sys.stderr)
+            return 2
     if args.command == "synth":
         from .synthetic import WorldExistsError, run_synth
 
@@ -120,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("bootstrap", "demo"):
         from flows.bootstrap import capfilt as capfilt_flow
 
-        summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
+        try:
+            summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
+        except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback; end with one line
+            print(f"capfilt {args.command}: the flow failed: {type(err).__name__}: {err}\n"
+                  f"Committed stages are kept: rerun the same command to resume.", file=sys.stderr)
+            return 1
         print("\n" + summary["report"]["text"])
     elif args.command == "eval":
         from .evaluate import run_eval

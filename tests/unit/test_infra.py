@@ -49,3 +49,21 @@ def test_container_image_matches_the_installed_ray_and_python():
     assert "pip uninstall -y dataclasses" in text
     for path in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)", text, flags=re.M):
         assert (INFRA.parent / path).exists(), f"Dockerfile copies {path}, which the repository lacks"
+
+
+def test_prefect_deployment_file_validates_and_names_the_capfilt_flow():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.deploy import PREFECT_YAML, deployment_spec
+
+    assert PREFECT_YAML == INFRA / "prefect" / "prefect.yaml"
+    project = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
+    (deployment,) = project.deployments
+    assert deployment.name == "bootstrap" == deployment_spec()["name"]
+    flow = load_flow_from_entrypoint(str(INFRA.parent / deployment.entrypoint))
+    assert flow.name == "capfilt"
+    params = flow.parameters.properties
+    assert {"config", "root", "overrides"} <= set(params) and set(deployment.parameters) <= set(params)
+    assert set(flow.parameters.required) == {"config", "root"}
+    assert deployment.work_pool.name == "capfilt"

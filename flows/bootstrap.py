@@ -1,0 +1,132 @@
+"""The Prefect flow ``capfilt``: BLIP's bootstrapping loop over the pipeline stages.
+
+synth or ingest -> pre-train round k -> fine-tune captioner and filter -> CapFilt -> assemble -> pre-train
+round k+1 -> evaluate -> ... for ``flow.rounds`` rounds. Every stage skips committed work, so a rerun of a
+failed flow resumes where it stopped; the logic lives in ``pipelines``, this module only orchestrates.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipelines import storage
+from pipelines.config import RunConfig, load_config
+
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30])
+
+
+def _cfg(config: str, overrides: list[str]) -> RunConfig:
+    return load_config(config, overrides)
+
+
+def _timed(name: str, fn, *args) -> Any:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    get_run_logger().info("%s done in %.1f s", name, time.perf_counter() - t0)
+    return out
+
+
+@task(name="synth", **RETRY)
+def synth(config: str, overrides: list[str], root: str) -> dict:
+    from pipelines.synthetic import run_synth
+
+    return _timed("synth", run_synth, _cfg(config, overrides), root)
+
+
+@task(name="ingest", **RETRY)
+def ingest(config: str, overrides: list[str], root: str) -> dict:
+    from pipelines.ingest import run_ingest
+
+    return _timed("ingest", run_ingest, _cfg(config, overrides), root)
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=10, task_run_name="pretrain round {round}")
+def pretrain(config: str, overrides: list[str], root: str, round: int) -> dict:
+    from pipelines.train import run_pretrain
+
+    return _timed(f"pretrain round {round}", run_pretrain, _cfg(config, overrides), root, round)
+
+
+@task(name="finetune", retries=1, retry_delay_seconds=10, task_run_name="finetune {role} round {round}")
+def finetune(config: str, overrides: list[str], root: str, round: int, role: str) -> dict:
+    from pipelines.train import run_finetune
+
+    return _timed(f"finetune {role} round {round}", run_finetune, _cfg(config, overrides), root, round, role)
+
+
+@task(name="caption-filter", **RETRY, task_run_name="caption-filter round {round}")
+def caption_filter(config: str, overrides: list[str], root: str, round: int) -> dict:
+    from pipelines.capfilt import run_caption_filter
+
+    return _timed(f"caption-filter round {round}", run_caption_filter, _cfg(config, overrides), root, round)
+
+
+@task(name="assemble", **RETRY, task_run_name="assemble round {round}")
+def assemble(config: str, overrides: list[str], root: str, round: int) -> dict:
+    from pipelines.assemble import run_assemble
+
+    return _timed(f"assemble round {round}", run_assemble, _cfg(config, overrides), root, round)
+
+
+@task(name="evaluate", **RETRY, task_run_name="evaluate round {round}")
+def evaluate(config: str, overrides: list[str], root: str, round: int) -> dict:
+    from pipelines.evaluate import run_eval
+
+    return _timed(f"evaluate round {round}", run_eval, _cfg(config, overrides), root, round)
+
+
+def _finetune_concurrently(cfg: RunConfig) -> bool:
+    """Captioner and filter run side by side only when the cluster holds both jobs at once."""
+    import ray
+
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray()
+    have = ray.cluster_resources()
+    jobs = (cfg.train.captioner, cfg.train.filter)
+    gpus = sum(j.workers for j in jobs if j.use_gpu)
+    cpus = sum(j.workers * j.cpus_per_worker for j in jobs)
+    return have.get("GPU", 0) >= gpus and have.get("CPU", 0) >= cpus
+
+
+@flow(name="capfilt", log_prints=True)
+def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
+    """Bootstrap a cleaner dataset from noisy web data (BLIP's CapFilt), round after round."""
+    overrides = list(overrides or [])
+    cfg = _cfg(config, overrides)  # fails fast, before any cluster work, on a bad config
+    storage.check_root_writable(root)
+    logger = get_run_logger()
+    if cfg.world is not None:
+        synth(config, overrides, root)
+    ingested = ingest(config, overrides, root)
+    summary: dict[str, Any] = {"root": root, "ingest": ingested, "rounds": []}
+    rounds = cfg.flow.rounds
+    pretrain(config, overrides, root, 1)
+    for k in range(1, rounds + 1):
+        if _finetune_concurrently(cfg):
+            futures = [finetune.submit(config, overrides, root, k, role) for role in ("captioner", "filter")]
+            captioner, filt = (f.result() for f in futures)
+        else:
+            captioner = finetune(config, overrides, root, k, "captioner")
+            filt = finetune(config, overrides, root, k, "filter")
+        capfilt_summary = caption_filter(config, overrides, root, k)
+        dataset = assemble(config, overrides, root, k)
+        pretrain(config, overrides, root, k + 1)
+        summary["rounds"].append({"round": k, "captioner": captioner, "filter": filt,
+                                  "capfilt": capfilt_summary, "dataset": dataset})
+    summary["eval"] = {k: evaluate(config, overrides, root, k) for k in range(1, rounds + 2)}
+    from pipelines.summary import run_summary
+
+    report = run_summary(cfg, root)
+    create_markdown_artifact(key="capfilt-summary", markdown=report["markdown"],
+                             description=f"CapFilt bootstrap of {root}")
+    logger.info("\n%s", report["text"])
+    summary["report"] = report
+    return summary
+
+
+logging.getLogger("prefect").setLevel(logging.INFO)
