@@ -52,6 +52,11 @@ class TextConfig(_Strict):
     bos_token_id: int = 30522  # [DEC]
     enc_token_id: int = 30523  # [ENC]
     tie_word_embeddings: bool = True  # LM head weight = decoder word embeddings, as BLIP's BertLMHeadModel
+    # Std of the N(0, std) initial weights of the text transformer, the ITC projections and the ITM head (BERT's
+    # initializer_range). BERT's 0.02 suits its width 768 (a linear layer's gain 0.02 * sqrt(768) ~ 0.55); at a
+    # tiny width it leaves the residual branches so small that [CLS]/[ENC] come out the same for every text and
+    # image, and ITC/ITM never leave chance (use ~1/sqrt(width) there; the shipped tiny run configs do).
+    initializer_range: float = Field(0.02, gt=0)
     grad_checkpointing: bool = False
 
     @model_validator(mode="after")

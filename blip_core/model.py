@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,9 @@ class BlipModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor(config.temp))
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for autocast at inference
         self.max_text_length = 35
+        init = partial(_init_bert, std=config.text.initializer_range)
         for module in (self.text, self.vision_proj, self.text_proj, self.itm_head):
-            module.apply(_init_bert)
+            module.apply(init)
 
     def init_text_from_bert(self, directory: str | os.PathLike) -> None:
         """Initialise the text transformer from a Hugging Face BERT directory (config.json + safetensors/bin)."""
@@ -210,10 +212,10 @@ class BlipModel(nn.Module):
             return self.text.decode(input_ids, attention_mask, image_embeds).float()
 
 
-def _init_bert(module: nn.Module) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+def _init_bert(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: N(0, std) weights (BERT's initializer_range, 0.02), zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

@@ -248,3 +248,25 @@ def test_itm_with_several_texts_per_image_equals_repeating_the_image(make_model)
         copied = model.itm_logits(emb.repeat_interleave(3, 0), ids, mask)
     torch.testing.assert_close(folded, copied, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(folded[:3], folded[3:], atol=1e-4)
+
+
+def test_initializer_range_sets_the_text_sides_initial_std_and_keeps_tiny_text_features_apart():
+    """BERT's std 0.02 at width 64 makes [CLS] the same for every text (ITC/ITM then stay at chance);
+    ``text.initializer_range`` ~ 1/sqrt(width) keeps different captions apart from the first step."""
+    from blip_core import BlipConfig, BlipModel, BlipTokenizer
+
+    texts = ["a red circle on the left", "two small blue squares at the top", "nothing but a green triangle"]
+    tok = BlipTokenizer.train(texts, vocab_size=80)
+
+    def spread(std: float) -> float:
+        torch.manual_seed(0)
+        config = BlipConfig.preset("tiny", text={"initializer_range": std, **tok.special_ids()})
+        model = BlipModel(config, tok).eval()
+        assert abs(model.text_proj.weight.std().item() - std) < 0.25 * std
+        with torch.no_grad():
+            feats = model.text_features(model.encode_text(texts))
+        sims = feats @ feats.T
+        return 1 - sims[~torch.eye(len(texts), dtype=torch.bool)].max().item()
+
+    assert spread(0.02) < 1e-3
+    assert spread(0.125) > 20 * spread(0.02)
