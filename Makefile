@@ -6,9 +6,14 @@ STAMP := $(VENV)/.installed
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean browser
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Headless Chromium renders the HTML report in its test (Debian's package; needs root or sudo once).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
 # torch and torchvision come first and pinned, so pip takes the wheels that lie on this machine's disk
 # instead of resolving a newer CUDA build. img2dataset drags in the `dataclasses` backport, which shadows the

@@ -1,7 +1,8 @@
 """The Prefect flow ``capfilt``: BLIP's bootstrapping loop over the pipeline stages.
 
 synth or ingest -> pre-train round k -> fine-tune captioner and filter -> CapFilt -> assemble -> pre-train
-round k+1 -> evaluate -> ... for ``flow.rounds`` rounds. Every stage skips committed work, so a rerun of a
+round k+1 -> ... for ``flow.rounds`` rounds; then evaluate every round's model and write each round's HTML
+report. Every stage skips committed work, so a rerun of a
 failed flow resumes where it stopped; the logic lives in ``pipelines``, this module only orchestrates.
 """
 from __future__ import annotations
@@ -79,6 +80,13 @@ def evaluate(config: str, overrides: list[str], root: str, round: int) -> dict:
     return _timed(f"evaluate round {round}", run_eval, _cfg(config, overrides), root, round)
 
 
+@task(name="report", **RETRY, task_run_name="report round {round}")
+def report(config: str, overrides: list[str], root: str, round: int) -> str:
+    from pipelines.report import run_report
+
+    return _timed(f"report round {round}", run_report, _cfg(config, overrides), root, round)
+
+
 def _finetune_concurrently(cfg: RunConfig) -> bool:
     """Captioner and filter run side by side only when the cluster holds both jobs at once."""
     import ray
@@ -119,13 +127,14 @@ def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
         summary["rounds"].append({"round": k, "captioner": captioner, "filter": filt,
                                   "capfilt": capfilt_summary, "dataset": dataset})
     summary["eval"] = {k: evaluate(config, overrides, root, k) for k in range(1, rounds + 2)}
+    summary["html"] = {k: report(config, overrides, root, k) for k in range(1, rounds + 1)}
     from pipelines.summary import run_summary
 
-    report = run_summary(cfg, root)
-    create_markdown_artifact(key="capfilt-summary", markdown=report["markdown"],
+    closing = run_summary(cfg, root)
+    create_markdown_artifact(key="capfilt-summary", markdown=closing["markdown"],
                              description=f"CapFilt bootstrap of {root}")
-    logger.info("\n%s", report["text"])
-    summary["report"] = report
+    logger.info("\n%s", closing["text"])
+    summary["report"] = closing
     return summary
 
 

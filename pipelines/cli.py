@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate round K's pre-trained model on the held-out set into <root>/round=K/eval/")
     _common(ev)
     ev.add_argument("--round", type=int, required=True, help="round K")
+    rep = sub.add_parser("report", help="round K's self-contained HTML report into <root>/round=K/eval/report.html")
+    _common(rep)
+    rep.add_argument("--round", type=int, required=True, help="round K")
+    rep.add_argument("--samples", type=int, default=24, help="sample images shown (default 24)")
     boot = sub.add_parser("bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)")
     _common(boot, root_required=False)
     demo = sub.add_parser("demo", help="the embedded demo (make demo): bootstrap on flows/configs/demo.yaml")
@@ -137,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"Committed stages are kept: rerun the same command to resume.", file=sys.stderr)
             return 1
         print("\n" + summary["report"]["text"])
+    elif args.command == "report":
+        from .report import run_report
+
+        try:
+            print(run_report(cfg, args.root, args.round, samples=args.samples))
+        except OSError as err:
+            print(f"capfilt report: {err}", file=sys.stderr)
+            return 1
     elif args.command == "eval":
         from .evaluate import run_eval
 

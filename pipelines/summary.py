@@ -96,6 +96,7 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
             "filter_vs_truth": filter_agreement(capfilt_url, truth) if cfg.world is not None else None,
             "captioner": storage.join(rr.round(k, "captioner"), "model"),
             "filter": storage.join(rr.round(k, "filter"), "model"),
+            "report": storage.join(rr.round(k, "eval"), "report.html"),
         })
     for k in range(1, rounds + 2):
         out["eval"][k] = storage.read_json(storage.join(rr.round(k, "eval"), "metrics.json"))
@@ -142,6 +143,7 @@ def _render(s: dict) -> tuple[str, str]:
     paths = [("CapFilt Parquet", r["capfilt"]) for r in s["rounds"]]
     paths += [(f"round {r['round']} captioner", r["captioner"]) for r in s["rounds"]]
     paths += [(f"round {r['round']} filter", r["filter"]) for r in s["rounds"]]
+    paths += [(f"round {r['round']} report", r["report"]) for r in s["rounds"]]
     paths += [(f"round {k} evaluation", m["model"].rsplit("/pretrain/", 1)[0] + "/eval/metrics.json") for k, m in s["eval"].items()]
     text.append("  where things are:")
     text += [f"    {name}: {p}" for name, p in paths]

@@ -70,9 +70,11 @@ def test_bootstrap_commits_every_stage_in_the_documented_layout(flow_run):
         metrics = json.loads((root / f"round={k}/eval/metrics.json").read_text())
         assert {"retrieval_r1", "cider", "caption_attribute_accuracy"} <= set(metrics)
         assert metrics["images"] == 40
+    html = (root / "round=1/eval/report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and 'id="kept-share"' in html
     out = flow_run["stdout"]
     for line in ("images ingested: 300 of 300", "filter vs ground truth", "precision", "recall", "round 1:",
-                 "round 2:", "duckdb -c", "CapFilt Parquet:"):
+                 "round 2:", "duckdb -c", "CapFilt Parquet:", "round=1/eval/report.html"):
         assert line in out, f"the closing summary lacks {line!r}:\n{out}"
 
 

@@ -90,6 +90,7 @@ def test_prefect_deployment_run_on_a_ray_head_into_s3(s3_server, short_tmp, spaw
     for stage in ("ingest/web", "round=1/pretrain", "round=1/captioner", "round=1/filter", "round=1/capfilt",
                   "round=1/dataset", "round=2/pretrain", "round=1/eval", "round=2/eval"):
         assert fs.exists(f"{prefix}/run/{stage}/_COMMITTED"), f"{stage} is not committed on S3"
+    assert fs.cat(f"{prefix}/run/round=1/eval/report.html").startswith(b"<!DOCTYPE html>")
 
     # The head has room for both fine-tunes (4 CPUs, 2 per job), so the flow ran them side by side.
     req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/task_runs/filter", data=b"{}", method="POST",
