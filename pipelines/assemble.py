@@ -24,6 +24,7 @@ from . import storage
 from .bootstrapped import parquet_files, write_manifest
 from .capfilt import capfilt_dir
 from .config import RunConfig
+from .errors import StageError
 from .karpathy import read_karpathy
 from .shards import list_shards, shard_name
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 
 
-class AssembleError(RuntimeError):
+class AssembleError(StageError):
     """The inputs of assemble are missing or inconsistent."""
 
 

@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import ActorPool, RunConfig
+from .errors import StageError
 from .shards import iter_shard, list_shards, shard_name
 from .stream import derive_seed
 
@@ -99,7 +100,7 @@ OUTPUT_SCHEMA = pa.schema([
 UNIT_COLUMN = "_unit"
 
 
-class CapfiltError(RuntimeError):
+class CapfiltError(StageError):
     """A run that cannot start or continue (missing checkpoints, a plan from other settings, no resources)."""
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
+from .errors import StageError
 
 
 def _common(p: argparse.ArgumentParser, root_required: bool = True) -> None:
@@ -61,6 +62,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pick(summary: dict, *keys: str) -> str:
+    return json.dumps({k: summary.get(k) for k in keys})
+
+
+def _synth(cfg, args) -> None:
+    from .synthetic import run_synth
+
+    run_synth(cfg, args.root)
+
+
+def _ingest(cfg, args) -> None:
+    from .ingest import run_ingest
+
+    run_ingest(cfg, args.root)
+
+
+def _train(cfg, args) -> str:
+    from .train import run_job
+
+    summary = run_job(cfg, args.root, args.round, "pretrain" if args.command == "pretrain" else args.role)
+    return _pick(summary, "job", "round", "model", "model_id", "final_step", "eval")
+
+
+def _caption_filter(cfg, args) -> str:
+    from .capfilt import run_caption_filter
+
+    summary = run_caption_filter(cfg, args.root, args.round)
+    return _pick(summary, "round", "images", "rows", "by_source", "by_status", "this_run")
+
+
+def _assemble(cfg, args) -> str:
+    from .assemble import run_assemble
+
+    return json.dumps(run_assemble(cfg, args.root, args.round))
+
+
+def _eval(cfg, args) -> str:
+    from .evaluate import run_eval
+
+    return _pick(run_eval(cfg, args.root, args.round), "round", "retrieval_r1", "caption_attribute_accuracy", "cider")
+
+
+def _report(cfg, args) -> str:
+    from .report import run_report
+
+    return run_report(cfg, args.root, args.round, samples=args.samples)
+
+
+def _bootstrap(cfg, args) -> str:
+    from .storage import check_root_writable
+
+    check_root_writable(args.root)  # before Prefect or Ray start: a bad root fails in a second
+    from flows.bootstrap import capfilt as capfilt_flow
+
+    try:
+        summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
+    except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback; end with one line
+        raise FlowFailed(f"the flow failed: {type(err).__name__}: {err}\n"
+                         "Committed stages are kept: rerun the same command to resume.") from err
+    return "\n" + summary["report"]["text"]
+
+
+class FlowFailed(Exception):
+    """The bootstrap flow ended in a failed state (its traceback is in Prefect's log)."""
+
+
+COMMANDS = {"synth": _synth, "ingest": _ingest, "pretrain": _train, "finetune": _train,
+            "caption-filter": _caption_filter, "assemble": _assemble, "eval": _eval, "report": _report,
+            "bootstrap": _bootstrap, "demo": _bootstrap}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -78,86 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "bootstrap" and not args.root:
         args.root = f"runs/{cfg.name}"
-    if args.command in ("bootstrap", "demo"):
-        from .storage import check_root_writable
-
-        try:  # before Prefect or Ray start: a bad root fails in a second, not after minutes of work
-            check_root_writable(args.root)
-        except PermissionError as err:
-            print(f"capfilt {args.command}: {err}", file=sys.stderr)
-            return 2
-    if args.command == "synth":
-        from .synthetic import WorldExistsError, run_synth
-
-        try:
-            run_synth(cfg, args.root)
-        except (WorldExistsError, ValueError) as err:
-            print(f"capfilt synth: {err}", file=sys.stderr)
-            return 1
-    elif args.command == "ingest":
-        from .ingest import IngestError, IngestIncomplete, run_ingest
-
-        try:
-            run_ingest(cfg, args.root)
-        except (IngestError, IngestIncomplete) as err:
-            print(f"capfilt ingest: {err}", file=sys.stderr)
-            return 1
-    elif args.command in ("pretrain", "finetune"):
-        from .train import TrainError, run_job
-
-        job = "pretrain" if args.command == "pretrain" else args.role
-        try:
-            summary = run_job(cfg, args.root, args.round, job)
-        except TrainError as err:
-            print(f"capfilt {args.command}: {err}", file=sys.stderr)
-            return 1
-        print(json.dumps({k: summary.get(k) for k in ("job", "round", "model", "model_id", "final_step", "eval")}))
-    elif args.command == "caption-filter":
-        from .capfilt import CapfiltError, run_caption_filter
-        from .shards import NotCommittedError
-
-        try:
-            summary = run_caption_filter(cfg, args.root, args.round)
-        except (CapfiltError, NotCommittedError, FileNotFoundError) as err:
-            print(f"capfilt caption-filter: {err}", file=sys.stderr)
-            return 1
-        print(json.dumps({k: summary.get(k) for k in ("round", "images", "rows", "by_source", "by_status", "this_run")}))
-    elif args.command == "assemble":
-        from .assemble import AssembleError, run_assemble
-
-        try:
-            summary = run_assemble(cfg, args.root, args.round)
-        except (AssembleError, FileNotFoundError) as err:
-            print(f"capfilt assemble: {err}", file=sys.stderr)
-            return 1
-        print(json.dumps(summary))
-    elif args.command in ("bootstrap", "demo"):
-        from flows.bootstrap import capfilt as capfilt_flow
-
-        try:
-            summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
-        except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback; end with one line
-            print(f"capfilt {args.command}: the flow failed: {type(err).__name__}: {err}\n"
-                  f"Committed stages are kept: rerun the same command to resume.", file=sys.stderr)
-            return 1
-        print("\n" + summary["report"]["text"])
-    elif args.command == "report":
-        from .report import run_report
-
-        try:
-            print(run_report(cfg, args.root, args.round, samples=args.samples))
-        except OSError as err:
-            print(f"capfilt report: {err}", file=sys.stderr)
-            return 1
-    elif args.command == "eval":
-        from .evaluate import run_eval
-
-        try:
-            metrics = run_eval(cfg, args.root, args.round)
-        except FileNotFoundError as err:
-            print(f"capfilt eval: {err}", file=sys.stderr)
-            return 1
-        print(json.dumps({k: metrics.get(k) for k in ("round", "retrieval_r1", "caption_attribute_accuracy", "cider")}))
+    try:
+        out = COMMANDS[args.command](cfg, args)
+    except PermissionError as err:  # an unusable run root
+        print(f"capfilt {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (StageError, FileNotFoundError, FlowFailed) as err:  # bad or missing input: one line, no traceback
+        print(f"capfilt {args.command}: {err}", file=sys.stderr)
+        return 1
+    if out is not None:
+        print(out)
     return 0
 
 

@@ -72,6 +72,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import IngestConfig, RunConfig
+from .errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ MANIFEST = "manifest.json"
 _OOM_SHARD_COUNT = 5  # shard names NNNNN
 
 
-class IngestError(RuntimeError):
+class IngestError(StageError):
     """The input cannot be ingested as configured (missing list or column, empty list, no world)."""
 
 
-class IngestIncomplete(RuntimeError):
+class IngestIncomplete(StageError):
     """img2dataset finished without writing some shards; nothing was committed, a rerun redoes them."""
 
 

@@ -61,6 +61,7 @@ from PIL import Image, ImageDraw
 
 from . import storage
 from .config import NOISE_TYPES, RunConfig, WorldConfig
+from .errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -728,14 +729,14 @@ def _settings_hash(world: WorldConfig, seed: int) -> str:
     return hashlib.sha256(json.dumps(_settings(world, seed), sort_keys=True).encode()).hexdigest()[:16]
 
 
-class WorldExistsError(RuntimeError):
+class WorldExistsError(StageError):
     """A committed world with different settings is in the way."""
 
 
 def run_synth(cfg: RunConfig, root: str) -> dict:
     """``capfilt synth``: generate and commit ``<root>/world/``; a rerun with the same settings is a no-op."""
     if cfg.world is None:
-        raise ValueError("the config has no synthetic world (world: null); nothing to generate")
+        raise StageError("the config has no synthetic world (world: null); nothing to generate")
     world_url = storage.RunRoot(root).world()
     wanted = _settings_hash(cfg.world, cfg.seed)
     if storage.is_committed(world_url):

@@ -61,6 +61,7 @@ from blip_core.transforms import eval_transform, train_transform
 from . import storage
 from .bootstrapped import bootstrapped_sources
 from .config import RunConfig, TrainJob, validate_config
+from .errors import StageError
 from .karpathy import KarpathyDataset, KarpathySource, read_karpathy
 from .modeling import build_model, ensure_tokenizer, human_set, is_local, save_model, upload_dir
 from .optim import build_optimizer, build_scheduler, lr_at
@@ -87,7 +88,7 @@ METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 
 
-class TrainError(RuntimeError):
+class TrainError(StageError):
     """A job that cannot start (missing inputs, bad settings) or that failed for good."""
 
 

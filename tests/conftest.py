@@ -169,8 +169,8 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, env: dict[str, str], log:
             pytest.fail(f"weed server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(endpoint, timeout=2).close()
-        except urllib.error.HTTPError:
-            pass  # an S3 error document: the gateway is up
+        except urllib.error.HTTPError:  # an S3 error document: the gateway is up
+            pass
         except OSError as err:
             last = err
             time.sleep(0.3)
