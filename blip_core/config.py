@@ -79,6 +79,12 @@ class BlipConfig(_Strict):
     alpha: float = Field(0.4, ge=0, le=1)  # momentum-distillation weight
     temp: float = Field(0.07, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # How ITM picks the one negative text per image and the one negative image per text (never one with the same
+    # image id): "hard" (the paper) samples in proportion to the contrastive similarity; "uniform" samples every other
+    # image of the batch alike. Hard negatives need an encoder that can already tell near-identical captions apart
+    # (BLIP's comes from BERT and 129M pairs); a tiny model trained from scratch for a few hundred steps cannot, the
+    # ITM loss then stays at the prior of 1 match : 2 non-matches (~0.64) and the filter keeps almost nothing.
+    itm_negatives: Literal["hard", "uniform"] = "hard"
     prompt: str = "a picture of "
 
     @classmethod

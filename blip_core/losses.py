@@ -218,6 +218,8 @@ class BlipLosses(nn.Module):
         with torch.no_grad():
             positive = image_ids[:, None] == image_ids[None, :]
             sim_i2t = image_feat @ text_feat.t() / m.temp
+            if m.config.itm_negatives == "uniform":
+                sim_i2t = torch.zeros_like(sim_i2t)  # every other image id alike
             neg_image, ok_t = sample_hard_negatives(sim_i2t.t(), positive)  # a negative image for each text
             neg_text, ok_i = sample_hard_negatives(sim_i2t, positive)  # a negative text for each image
         ids = torch.cat([input_ids, input_ids[ok_t], input_ids[neg_text[ok_i]]])

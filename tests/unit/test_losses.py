@@ -297,6 +297,25 @@ def test_itm_pairs_negatives_only_across_image_ids(make_model, image_ids):
         del model.itm_logits
 
 
+def test_itm_uniform_negatives_ignore_similarity(make_model, monkeypatch):
+    import blip_core.losses as losses_module
+
+    seen, real = [], losses_module.sample_hard_negatives
+
+    def spy(sim, positive):
+        seen.append(sim.clone())
+        return real(sim, positive)
+
+    monkeypatch.setattr(losses_module, "sample_hard_negatives", spy)
+    for mode in ("hard", "uniform"):
+        seen.clear()
+        losses = BlipLosses(make_model(itm_negatives=mode)).train()
+        imgs, ids, mask = _batch(losses.model, 6)
+        out = losses(imgs, ids, mask, image_ids=torch.tensor([0, 0, 1, 2, 3, 4]), objectives=("itm",))
+        assert torch.isfinite(out["itm"]) and len(seen) == 2  # a negative image per text, a negative text per image
+        assert all(bool((s == 0).all()) == (mode == "uniform") for s in seen), mode
+
+
 # --- LM -----------------------------------------------------------------------------------------------
 def _ignored_positions(input_ids, pad, prompt_length):
     """Logit positions whose next token is padding or part of the prompt, plus the last position."""
