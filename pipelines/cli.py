@@ -26,30 +26,27 @@ def shipped_config(name: str) -> str:
     return str(Path(flows.__file__).parent / "configs" / name)
 
 
+def _round_stage(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A stage that works on one bootstrap round: --config, --root, --set and --round."""
+    p = sub.add_parser(name, help=help)
+    _common(p)
+    p.add_argument("--round", type=int, required=True, help="round K (from 1)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("synth", help="generate the synthetic world under <root>/world/"))
     _common(sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/"))
-    pre = sub.add_parser("pretrain", help="pre-train round K (ITC + ITM + LM) into <root>/round=K/pretrain/")
-    _common(pre)
-    pre.add_argument("--round", type=int, required=True, help="round K (from 1)")
-    fine = sub.add_parser("finetune", help="fine-tune round K's captioner or filter into <root>/round=K/<role>/")
-    _common(fine)
-    fine.add_argument("--round", type=int, required=True, help="round K (from 1)")
+    _round_stage(sub, "pretrain", "pre-train round K (ITC + ITM + LM) into <root>/round=K/pretrain/")
+    fine = _round_stage(sub, "finetune", "fine-tune round K's captioner or filter into <root>/round=K/<role>/")
     fine.add_argument("--role", required=True, choices=["captioner", "filter"])
-    cf = sub.add_parser("caption-filter", help="caption and filter the ingested images into <root>/round=K/capfilt/")
-    _common(cf)
-    cf.add_argument("--round", type=int, required=True, help="round K: uses round K's captioner and filter")
-    asm = sub.add_parser("assemble", help="round K's bootstrapped dataset manifest into <root>/round=K/dataset/")
-    _common(asm)
-    asm.add_argument("--round", type=int, required=True, help="round K")
-    ev = sub.add_parser("eval", help="evaluate round K's pre-trained model on the held-out set into <root>/round=K/eval/")
-    _common(ev)
-    ev.add_argument("--round", type=int, required=True, help="round K")
-    rep = sub.add_parser("report", help="round K's self-contained HTML report into <root>/round=K/eval/report.html")
-    _common(rep)
-    rep.add_argument("--round", type=int, required=True, help="round K")
+    _round_stage(sub, "caption-filter", "caption and filter the ingested images into <root>/round=K/capfilt/ "
+                 "with round K's captioner and filter")
+    _round_stage(sub, "assemble", "round K's bootstrapped dataset manifest into <root>/round=K/dataset/")
+    _round_stage(sub, "eval", "evaluate round K's pre-trained model on the held-out set into <root>/round=K/eval/")
+    rep = _round_stage(sub, "report", "round K's self-contained HTML report into <root>/round=K/eval/report.html")
     rep.add_argument("--samples", type=int, default=24, help="sample images shown (default 24)")
     boot = sub.add_parser("bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)")
     _common(boot, root_required=False)

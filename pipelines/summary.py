@@ -31,20 +31,13 @@ def _read_table(url: str, columns: list[str]) -> pa.Table:
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Mann-Whitney ROC-AUC (ties count half); None without both classes."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based rank of each distinct score, ties averaged
+    rank_sum = average_rank[inverse][positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def filter_agreement(capfilt_url: str, truth_url: str) -> dict[str, Any] | None:
@@ -86,7 +79,7 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
     ingest_url = rr.ingest(cfg.ingest.source)
     manifest = storage.read_json(storage.join(ingest_url, "manifest.json"))
     out: dict[str, Any] = {"root": root, "ingest": {k: manifest.get(k) for k in ("total", "successes", "success_rate")},
-                           "rounds": [], "eval": {}}
+                           "rounds": []}
     truth = storage.join(rr.world(), "truth", "web.parquet")
     for k in range(1, rounds + 1):
         capfilt_url = rr.round(k, "capfilt")
@@ -98,8 +91,8 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
             "filter": storage.join(rr.round(k, "filter"), "model"),
             "report": storage.join(rr.round(k, "eval"), "report.html"),
         })
-    for k in range(1, rounds + 2):
-        out["eval"][k] = storage.read_json(storage.join(rr.round(k, "eval"), "metrics.json"))
+    out["eval_paths"] = {k: storage.join(rr.round(k, "eval"), "metrics.json") for k in range(1, rounds + 2)}
+    out["eval"] = {k: storage.read_json(url) for k, url in out["eval_paths"].items()}
     out["duckdb"] = (f"duckdb -c \"SELECT source, count(*) AS rows, avg(keep::INT) AS kept_share FROM "
                      f"read_parquet('{storage.join(rr.round(1, 'capfilt'), 'part-*.parquet')}') GROUP BY source\"")
     out["text"], out["markdown"] = _render(out)
@@ -144,7 +137,7 @@ def _render(s: dict) -> tuple[str, str]:
     paths += [(f"round {r['round']} captioner", r["captioner"]) for r in s["rounds"]]
     paths += [(f"round {r['round']} filter", r["filter"]) for r in s["rounds"]]
     paths += [(f"round {r['round']} report", r["report"]) for r in s["rounds"]]
-    paths += [(f"round {k} evaluation", m["model"].rsplit("/pretrain/", 1)[0] + "/eval/metrics.json") for k, m in s["eval"].items()]
+    paths += [(f"round {k} evaluation", url) for k, url in s["eval_paths"].items()]
     text.append("  where things are:")
     text += [f"    {name}: {p}" for name, p in paths]
     text.append(f"  query it: {s['duckdb']}")
