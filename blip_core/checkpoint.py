@@ -30,7 +30,7 @@ def save_pretrained(model, directory: str | os.PathLike) -> str:
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the renamed checkpoint private to this user
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.model_dump()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": model.task, "config": model.config.model_dump()}
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     save_file(_unaliased_state(model), str(tmp / WEIGHTS), metadata={"format": FORMAT})
     if model.tokenizer is not None:
@@ -87,9 +87,17 @@ def checkpoint_id(directory: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def model_classes() -> dict[str, type]:
+    """The model class of each ``task`` a checkpoint can hold."""
+    from .model import BlipModel
+    from .nlvr import BlipNLVR
+    from .vqa import BlipVQA
+
+    return {cls.task: cls for cls in (BlipModel, BlipVQA, BlipNLVR)}
+
+
 def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, map_location: str | torch.device = "cpu"):
     """Load any supported checkpoint; ``image_size`` resizes the ViT's position table (e.g. 224 -> 384)."""
-    from .model import BlipModel
 
     p = Path(path)
     if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
@@ -113,7 +121,11 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
             except ValueError as err:
                 raise ValueError(f"{p / CONFIG}: {err}") from None
             tok = BlipTokenizer.from_pretrained(p) if (p / "tokenizer.json").exists() else None
-            model = BlipModel(config, tok)
+            classes = model_classes()
+            task = meta.get("task", "pretrain")
+            if task not in classes:
+                raise ValueError(f"{p / CONFIG}: unknown task {task!r}; this capfilt knows {sorted(classes)}")
+            model = classes[task](config, tok)
             if not (p / WEIGHTS).is_file():
                 raise FileNotFoundError(f"{p} has {CONFIG} but no {WEIGHTS}")
             try:
@@ -144,13 +156,12 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
 
 def resize_image(model, image_size: int):
     """A copy of ``model`` for another input resolution, with its position embeddings interpolated."""
-    from .model import BlipModel
     from .vision import interpolate_pos_embed
 
     cfg = model.config.model_copy(update={"vision": model.config.vision.model_copy(update={"image_size": image_size})})
     cfg = BlipConfig.from_dict(cfg.model_dump())
     state = model.state_dict()
     state["vision.pos_embed"] = interpolate_pos_embed(state["vision.pos_embed"], image_size, cfg.vision.patch_size)
-    new = BlipModel(cfg, model.tokenizer)
+    new = type(model)(cfg, model.tokenizer)
     new.load_state_dict(state)
     return new

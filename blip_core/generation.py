@@ -22,11 +22,11 @@ def _expand(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.repeat_interleave(k, dim=0) if k > 1 else x
 
 
-def _prefill(med: MED, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, k: int):
+def _prefill(med: MED, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, k: int, context_mask: torch.Tensor | None):
     """Run the prompt once per image; return last logits, cache and image K/V, ready for k sequences per image."""
     b = image_embeds.shape[0]
     image_kv = med.image_kv(image_embeds)
-    logits, past = med.decode_step(prompt_ids.expand(b, -1), image_kv, None)
+    logits, past = med.decode_step(prompt_ids.expand(b, -1), image_kv, None, context_mask)
     past = [(_expand(kk, k), _expand(vv, k)) for kk, vv in past]
     return _expand(logits.float(), k), past, image_kv
 
@@ -54,13 +54,16 @@ def beam_search(
     num_return_sequences: int = 1,
     eos_token_id: int,
     pad_token_id: int,
+    context_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Returns [B * num_return_sequences, L] token ids, the prompt included, padded with ``pad_token_id``."""
+    """Returns [B * num_return_sequences, L] token ids, the prompt included, padded with ``pad_token_id``.
+    ``context_mask`` [B, N]: which context tokens are real (VQA's padded questions); None: all of them."""
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError("greedy decoding (num_beams=1) returns one sequence per image")
         return greedy(med, image_embeds, prompt_ids, max_length=max_length, min_length=min_length,
-                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      context_mask=context_mask)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
     B, nb, dev = image_embeds.shape[0], num_beams, image_embeds.device
@@ -69,7 +72,7 @@ def beam_search(
         raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
     if max_length > med.cfg.max_positions:  # else it fails only after generating max_positions tokens
         raise ValueError(f"max_length ({max_length}) would exceed text.max_positions ({med.cfg.max_positions})")
-    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, nb)
+    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, nb, context_mask)
 
     running = torch.full((B, nb, max_length), pad_token_id, dtype=torch.long, device=dev)
     running[:, :, :plen] = prompt_ids[0]
@@ -118,7 +121,7 @@ def beam_search(
         if not bool(improvable.any()) or bool(hits.all()) or cur_len >= max_length:
             break
         past = [(kk.index_select(0, reorder), vv.index_select(0, reorder)) for kk, vv in past]
-        logits, past = med.decode_step(running[:, :, cur_len - 1].reshape(-1, 1), image_kv, past)
+        logits, past = med.decode_step(running[:, :, cur_len - 1].reshape(-1, 1), image_kv, past, context_mask)
         logits = logits.float()
 
     out = finished[:, :num_return_sequences].reshape(B * num_return_sequences, max_length)
@@ -136,13 +139,16 @@ def greedy(
     repetition_penalty: float = 1.0,
     eos_token_id: int,
     pad_token_id: int,
+    context_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy decoding: the most likely token at every step; finished sequences are padded."""
     return _decode_loop(med, image_embeds, prompt_ids, 1, None, max_length=max_length, min_length=min_length,
-                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                        context_mask=context_mask)
 
 
-def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_length, repetition_penalty, eos_token_id, pad_token_id):
+def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_length, repetition_penalty, eos_token_id,
+                 pad_token_id, context_mask=None):
     """Shared loop of greedy decoding and sampling: ``choose(scores, step)`` picks tokens (argmax if None)."""
     B, dev = image_embeds.shape[0], image_embeds.device
     plen = prompt_ids.shape[1]
@@ -150,7 +156,7 @@ def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_le
         raise ValueError(f"max_length ({max_length}) must exceed the prompt's {plen} tokens ([DEC] included)")
     if max_length > med.cfg.max_positions:  # else it fails only after generating max_positions tokens
         raise ValueError(f"max_length ({max_length}) would exceed text.max_positions ({med.cfg.max_positions})")
-    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k)
+    logits, past, image_kv = _prefill(med, image_embeds, prompt_ids, k, context_mask)
     seqs = prompt_ids.expand(B * k, -1).clone()
     alive = torch.ones(B * k, dtype=torch.bool, device=dev)
     for step in range(max_length - plen):
@@ -161,7 +167,7 @@ def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_le
         alive = alive & (tokens != eos_token_id)
         if not bool(alive.any()) or seqs.shape[1] >= max_length:
             break
-        logits, past = med.decode_step(tokens[:, None], image_kv, past)
+        logits, past = med.decode_step(tokens[:, None], image_kv, past, context_mask)
         logits = logits.float()
     return seqs
 

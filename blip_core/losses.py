@@ -79,15 +79,18 @@ def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[to
     return torch.multinomial(weights, 1).squeeze(1), valid
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int, prompt_length: int = 0, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token cross-entropy with label smoothing; padding and (optionally) prompt tokens ignored."""
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int, prompt_length: int = 0,
+            label_smoothing: float = 0.1, per_sequence: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy with label smoothing; padding and (optionally) prompt tokens ignored. The mean
+    over all target tokens, or with ``per_sequence`` each sequence's sum [B] (VQA weighs and ranks answers so)."""
     targets = input_ids.masked_fill(input_ids == pad_token_id, -100)
     if prompt_length:
         targets[:, :prompt_length] = -100
-    return F.cross_entropy(
+    loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
-        ignore_index=-100, label_smoothing=label_smoothing,
+        ignore_index=-100, label_smoothing=label_smoothing, reduction="none" if per_sequence else "mean",
     )
+    return loss.view(input_ids.shape[0], -1).sum(1) if per_sequence else loss
 
 
 class BlipLosses(nn.Module):

@@ -65,6 +65,17 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``kv``: precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image).
         ``past``: cached self-attention keys/values; the new ones are returned for the next step."""
+        h, new_past = self.attend(x, mask, kv, past)
+        return self.norm(h + x), new_past
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The attention branch before the residual and LayerNorm (NLVR2 merges two of them first)."""
         b, t, w = x.shape
         q = self.split(self.q(x))
         new_past = None
@@ -79,16 +90,16 @@ class Attention(nn.Module):
         groups = b // k.shape[0]
         if groups > 1:
             # Several sequences (beams, samples) attend to one image: fold them into the query axis so the
-            # image's keys and values are never copied per sequence.
-            assert mask is None, "folded cross-attention takes no mask"
+            # image's keys and values are never copied per sequence. A context mask is per image ([B', 1, 1, N]),
+            # so it broadcasts over the folded queries.
+            assert mask is None or (mask.shape[0] == k.shape[0] and mask.shape[2] == 1), "mask must be [B', 1, 1, N]"
             qf = q.view(k.shape[0], groups, self.heads, t, -1).transpose(1, 2).reshape(k.shape[0], self.heads, groups * t, -1)
-            ctx = F.scaled_dot_product_attention(qf, k, v, dropout_p=drop)
+            ctx = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=drop)
             ctx = ctx.view(k.shape[0], self.heads, groups, t, -1).transpose(1, 2).reshape(b, self.heads, t, -1)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         ctx = ctx.transpose(1, 2).reshape(b, t, w)
-        out = F.dropout(self.out(ctx), self.dropout, self.training)
-        return self.norm(out + x), new_past
+        return F.dropout(self.out(ctx), self.dropout, self.training), new_past
 
 
 class FeedForward(nn.Module):
@@ -178,15 +189,19 @@ class MED(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal decoder over a whole sequence (training, scoring); returns LM logits [B, T, V]."""
+        """Causal decoder over a whole sequence (training, scoring); returns LM logits [B, T, V]. ``image_embeds``
+        may have fewer rows than ``input_ids`` (B = B' * k, k consecutive sequences per context); ``image_mask``
+        is then [B', N]."""
         x = self.decoder_embeddings(input_ids)
         t = input_ids.shape[1]
         causal = torch.full((t, t), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu(1)[None, None]
         pad = padding_mask(attention_mask, x.dtype)
         mask = causal if pad is None else causal + pad
+        img_mask = padding_mask(image_mask, x.dtype)
         for layer in self.decoder:
-            x = self._run(layer, x, mask, layer.cross_attn.context_kv(image_embeds), None)
+            x = self._run(layer, x, mask, layer.cross_attn.context_kv(image_embeds), img_mask)
         return self.lm_head(x)
 
     def _run(self, layer, x, mask, kv, img_mask):
@@ -203,10 +218,12 @@ class MED(nn.Module):
         input_ids: torch.Tensor,
         image_kv: list[tuple[torch.Tensor, torch.Tensor]],
         past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Feed new tokens [B, t] given the cache; returns logits of the last position and the new cache.
         Sequences are never padded during generation (all start with the same prompt), so no mask is needed
-        beyond causality inside the new tokens."""
+        beyond causality inside the new tokens. ``context_mask``: a [B', N] 1/0 mask of the context (padded
+        question tokens when VQA's answer decoder attends to the question encoder)."""
         past_len = 0 if past is None else past[0][0].shape[2]
         x = self.decoder_embeddings(input_ids, past_length=past_len)
         t = input_ids.shape[1]
@@ -214,8 +231,25 @@ class MED(nn.Module):
         if t > 1:
             full = torch.full((t, past_len + t), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype)
             mask = full.triu(past_len + 1)[None, None]
+        ctx_mask = padding_mask(context_mask, x.dtype)
         new_past = []
         for i, layer in enumerate(self.decoder):
-            x, p = layer(x, mask, image_kv[i], None, None if past is None else past[i])
+            x, p = layer(x, mask, image_kv[i], ctx_mask, None if past is None else past[i])
             new_past.append(p)
         return self.lm_head(x[:, -1]), new_past
+
+    # --- one stack as a model of its own (the downstream heads) ----------------------------------
+    def stack_state(self, stack: str) -> dict[str, torch.Tensor]:
+        """The state of the ``encoder`` or ``decoder`` stack as the state dict of a ``sharing="all"`` MED (whose
+        two stacks are one): VQA's question encoder and answer decoder, NLVR2's encoder start from these."""
+        if stack not in ("encoder", "decoder"):
+            raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+        emb = self.embeddings if stack == "encoder" else self.decoder_embeddings
+        out = {f"{name}.{k}": v for k, v in emb.state_dict().items() for name in ("embeddings", "decoder_embeddings")}
+        for i, layer in enumerate(getattr(self, stack)):
+            for k, v in layer.state_dict().items():
+                out[f"encoder.{i}.{k}"] = out[f"decoder.{i}.{k}"] = v
+        out.update({f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()})
+        if self.cfg.tie_word_embeddings:  # the LM head reads this stack's own embeddings (they differ with sharing="none")
+            out["lm_head.decoder.weight"] = emb.word.weight
+        return out

@@ -20,39 +20,35 @@ from .tokenizer import BlipTokenizer
 from .vision import build_vit
 
 
-class BlipModel(nn.Module):
+class BlipBase(nn.Module):
+    """What every BLIP model (pre-training/retrieval/captioning, VQA, NLVR2) shares: a ViT, a tokenizer, a config,
+    input checks, autocast and checkpoints. ``task`` names the model class in its checkpoint."""
+
+    task = "pretrain"
+
     def __init__(self, config: BlipConfig, tokenizer: BlipTokenizer | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.vocab_size != config.text.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but config.text.vocab_size is {config.text.vocab_size}")
-        vw, tw = config.vision.width, config.text.width
         self.vision = build_vit(config.vision)
-        self.text = MED(config.text, vision_width=vw, sharing=config.sharing)
-        self.vision_proj = nn.Linear(vw, config.embed_dim)
-        self.text_proj = nn.Linear(tw, config.embed_dim)
-        self.itm_head = nn.Linear(tw, 2)
-        self.temp = nn.Parameter(torch.tensor(config.temp))
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for autocast at inference
         self.max_text_length = 35
-        init = partial(_init_bert, std=config.text.initializer_range)
-        for module in (self.text, self.vision_proj, self.text_proj, self.itm_head):
-            module.apply(init)
-
-    def init_text_from_bert(self, directory: str | os.PathLike) -> None:
-        """Initialise the text transformer from a Hugging Face BERT directory (config.json + safetensors/bin)."""
-        from .convert import load_bert_into_med
-
-        load_bert_into_med(self.text, directory)
 
     # --- construction / persistence (see checkpoint.py) ------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "BlipModel":
-        """Our checkpoint directory, a Hugging Face BLIP directory, or an official BLIP ``.pth``."""
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "BlipBase":
+        """Our checkpoint directory, a Hugging Face BLIP directory, or an official BLIP ``.pth``. A head's class
+        (``BlipVQA``, ``BlipNLVR``) also starts from a pre-trained model's checkpoint (``from_blip``)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(path, **kwargs)
+        model = load_pretrained(path, **kwargs)
+        if isinstance(model, cls):
+            return model
+        if isinstance(model, BlipModel) and hasattr(cls, "from_blip"):
+            return cls.from_blip(model)
+        raise ValueError(f"{path} holds a {model.task!r} model ({type(model).__name__}), not a {cls.__name__}")
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Writes config.json, model.safetensors and tokenizer.json; returns the checkpoint's content hash."""
@@ -60,9 +56,14 @@ class BlipModel(nn.Module):
 
         return save_pretrained(self, directory)
 
+    def take_settings(self, other: "BlipBase") -> "BlipBase":
+        """Device, mode and inference settings of the model this one was built from (``from_blip``)."""
+        self.amp_dtype, self.max_text_length = other.amp_dtype, other.max_text_length
+        return self.to(other.device).train(other.training)
+
     @property
     def device(self) -> torch.device:
-        return self.temp.device
+        return self.vision.pos_embed.device
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -80,7 +81,8 @@ class BlipModel(nn.Module):
         p = self.config.vision.patch_size
         if images.shape[2] % p or images.shape[3] % p:
             raise ValueError(f"image height and width must be multiples of the patch size {p}, got {list(images.shape[2:])}")
-        return images.to(self.device, dtype=self.temp.dtype if self.amp_dtype is None else images.dtype)
+        dtype = self.vision.pos_embed.dtype
+        return images.to(self.device, dtype=dtype if self.amp_dtype is None else images.dtype)
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -93,12 +95,34 @@ class BlipModel(nn.Module):
         ids, mask = self.tokenizer(texts, max_length=max_length or self.max_text_length)
         return ids.to(self.device), mask.to(self.device)
 
-    # --- encoders -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image tokens [B, 1 + patches, vision width], [CLS] first."""
         with self.autocast():
             return self.vision.forward_features(self.check_images(images))
 
+
+class BlipModel(BlipBase):
+    """Pre-training, retrieval (ITC + ITM) and captioning: the model CapFilt's captioner and filter are."""
+
+    def __init__(self, config: BlipConfig, tokenizer: BlipTokenizer | None = None):
+        super().__init__(config, tokenizer)
+        vw, tw = config.vision.width, config.text.width
+        self.text = MED(config.text, vision_width=vw, sharing=config.sharing)
+        self.vision_proj = nn.Linear(vw, config.embed_dim)
+        self.text_proj = nn.Linear(tw, config.embed_dim)
+        self.itm_head = nn.Linear(tw, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+        init = partial(init_bert, std=config.text.initializer_range)
+        for module in (self.text, self.vision_proj, self.text_proj, self.itm_head):
+            module.apply(init)
+
+    def init_text_from_bert(self, directory: str | os.PathLike) -> None:
+        """Initialise the text transformer from a Hugging Face BERT directory (config.json + safetensors/bin)."""
+        from .convert import load_bert_into_med
+
+        load_bert_into_med(self.text, directory)
+
+    # --- encoders -------------------------------------------------------------------------------
     def encode_text_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Unimodal text encoder ([CLS] first, no image): hidden states [B, T, text width]."""
         with self.autocast():
@@ -212,7 +236,7 @@ class BlipModel(nn.Module):
             return self.text.decode(input_ids, attention_mask, image_embeds).float()
 
 
-def _init_bert(module: nn.Module, std: float = 0.02) -> None:
+def init_bert(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation: N(0, std) weights (BERT's initializer_range, 0.02), zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)

@@ -56,7 +56,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dep = sub.add_parser("deploy", help="register deployment `bootstrap` of flow `capfilt` on a process work pool")
     dep.add_argument("--pool", default=None, help="work pool name (created as a process pool if missing); default: infra/prefect/prefect.yaml's")
+    _downstream_parsers(sub)
     return parser
+
+
+def _downstream_parsers(sub) -> None:
+    """The downstream tasks (pipelines/downstream.py): no run config; a checkpoint and an annotation file."""
+    for task, what in (("vqa", "VQA (BLIP's vqa JSON)"), ("nlvr", "NLVR2 (BLIP's nlvr JSON)")):
+        p = sub.add_parser(task, help=f"fine-tune or evaluate {what} from any checkpoint")
+        p.add_argument("mode", choices=["finetune", "eval"])
+        p.add_argument("--model", required=True, help="checkpoint: pre-trained (finetune) or the task's (eval)")
+        p.add_argument("--ann", required=True, help="annotation JSON (path or fsspec URL)")
+        p.add_argument("--images", required=True, help="image root the annotation paths are relative to")
+        p.add_argument("--out", help="finetune: checkpoint directory to write; eval (vqa): result JSON to write")
+        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--lr", type=float, default=2e-5)
+        p.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="finetune: no random crops / RandAugment (for tiny images a crop can cut the object away)")
+        p.add_argument("--device", default=None, help="default: cuda when available")
+        if task == "vqa":
+            p.add_argument("--answer-list", help="eval: rank this JSON list of candidates instead of generating")
+            p.add_argument("--k", type=int, default=128, help="candidates re-scored when ranking (default 128)")
+    v = sub.add_parser("video-retrieval", help="zero-shot text-video retrieval (BLIP's MSR-VTT JSON) with an image model")
+    v.add_argument("--model", required=True)
+    v.add_argument("--ann", required=True)
+    v.add_argument("--videos", required=True, help="local directory the annotation's video paths are relative to")
+    v.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per clip (default 8)")
+    v.add_argument("--k", type=int, default=128, help="ITC candidates re-ranked by ITM (default 128)")
+    v.add_argument("--device", default=None)
+    t = sub.add_parser("synth-tasks", help="write tiny VQA / NLVR2 / video tasks drawn from the synthetic world")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--image-size", type=int, default=64)
+
+
+def _run_downstream(args) -> dict:
+    from . import downstream as ds
+
+    if args.command == "synth-tasks":
+        from .synthetic_tasks import write_tasks
+
+        return write_tasks(args.out, seed=args.seed, image_size=args.image_size)
+    if args.command == "video-retrieval":
+        return ds.eval_video_retrieval(args.model, args.ann, args.videos, num_frames=args.frames, k=args.k,
+                                       device=args.device)
+    if args.mode == "finetune":
+        if not args.out:
+            raise ds.DownstreamError("finetune needs --out (the checkpoint directory to write)")
+        fit = ds.finetune_vqa if args.command == "vqa" else ds.finetune_nlvr
+        return fit(args.model, args.ann, args.images, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, augment=args.augment, device=args.device)
+    if args.command == "vqa":
+        return ds.eval_vqa(args.model, args.ann, args.images, answer_list=args.answer_list, k=args.k, out=args.out,
+                           batch_size=args.batch_size, device=args.device)
+    return ds.eval_nlvr(args.model, args.ann, args.images, batch_size=args.batch_size, device=args.device)
 
 
 def _pick(summary: dict, *keys: str) -> str:
@@ -128,6 +182,7 @@ class FlowFailed(Exception):
 COMMANDS = {"synth": _synth, "ingest": _ingest, "pretrain": _train, "finetune": _train,
             "caption-filter": _caption_filter, "assemble": _assemble, "eval": _eval, "report": _report,
             "bootstrap": _bootstrap, "demo": _bootstrap}
+DOWNSTREAM = ("vqa", "nlvr", "video-retrieval", "synth-tasks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         from flows.deploy import deploy
 
         print(deploy(args.pool))
+        return 0
+    if args.command in DOWNSTREAM:
+        try:
+            print(json.dumps(_run_downstream(args)))
+        except (StageError, FileNotFoundError, ValueError) as err:  # bad input or checkpoint: one line
+            print(f"capfilt {args.command}: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "demo":
         args.config = args.config or shipped_config("demo.yaml")

@@ -47,6 +47,15 @@ def retrieval_metrics(model: BlipModel, dataset, k: int = 256, batch_size: int =
     """TR/IR R@1/5/10 (percent) of ITC ranking re-ranked by ITM on the top ``k``; also ITC-only R@1."""
     model.eval()
     image_embeds, image_feats, texts, txt2img, img2txt = encode_eval_set(model, dataset, batch_size)
+    return rank_two_stage(model, image_embeds, image_feats, texts, txt2img, img2txt, k=k, batch_size=batch_size,
+                          itm_batch=itm_batch)
+
+
+@torch.no_grad()
+def rank_two_stage(model: BlipModel, image_embeds: torch.Tensor, image_feats: torch.Tensor, texts: list[str],
+                   txt2img: list[int], img2txt: list[list[int]], k: int = 256, batch_size: int = 64,
+                   itm_batch: int = 128) -> dict:
+    """The two stages over encoded images (or clips: their frames' tokens concatenated) and raw texts."""
     ids, mask = model.tokenize(texts)
     text_feats = torch.cat([
         model.text_features(model.encode_text_ids(ids[i:i + batch_size], mask[i:i + batch_size])).cpu()
