@@ -224,17 +224,7 @@ def nucleus_sample(
 
     def choose(scores: torch.Tensor, step: int) -> torch.Tensor:
         logits = scores / temperature
-        # A trained captioner's nucleus is a few dozen tokens: look at the head first, sort the rest only if needed.
-        head = min(64, logits.shape[-1])
-        sorted_logits = logits.topk(head, dim=-1).values
-        log_z = torch.logsumexp(logits.double(), dim=-1, keepdim=True)
-        if bool((torch.exp(sorted_logits.double() - log_z).sum(-1) < top_p).any()):
-            sorted_logits = logits.sort(dim=-1, descending=True).values
-        sorted_p = torch.exp(sorted_logits.double() - log_z)
-        n_keep = ((sorted_p.cumsum(-1) - sorted_p) < top_p).sum(-1, keepdim=True)  # smallest head reaching top_p
-        if top_k > 0:
-            n_keep = n_keep.clamp_max(top_k)
-        threshold = sorted_logits.gather(1, n_keep.clamp_min(1) - 1)
+        threshold = nucleus_threshold(logits, top_p, top_k)
         # Invert the CDF in vocabulary order, not probability order: near-ties that swap places under a
         # last-bit difference (another batch size) then move the CDF by that difference only.
         probs = torch.softmax(logits, dim=-1, dtype=torch.float64) * (logits >= threshold)
@@ -244,3 +234,41 @@ def nucleus_sample(
 
     return _decode_loop(med, image_embeds, prompt_ids, k, choose, max_length=max_length, min_length=min_length,
                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def nucleus_threshold(logits: torch.Tensor, top_p: float, top_k: int = 0, head: int = 64, tail: int = 4096) -> torch.Tensor:
+    """The logit of the last token of each row's nucleus [B, 1]: the nucleus is every token whose logit is at least
+    this (the smallest top set whose probability reaches ``top_p``, at most ``top_k`` tokens when > 0).
+
+    A full sort of the vocabulary is the slow part of a sampling step, so it is the last resort: a trained
+    captioner's nucleus is a few dozen tokens (the top ``head`` cover it); a flat distribution's nucleus is almost
+    the whole vocabulary, and then the excluded tail (probability <= 1 - top_p) lies within the bottom ``tail``.
+    Token i (in descending order) is kept when the mass before it is < top_p, i.e. when the mass of i and every
+    token below it is > 1 - top_p."""
+    V = logits.shape[-1]
+    log_z = torch.logsumexp(logits.double(), dim=-1, keepdim=True)
+    top = logits.topk(min(head, V), dim=-1).values
+    top_p_mass = torch.exp(top.double() - log_z)
+    in_head = top_p_mass.sum(-1) >= top_p
+    if top_k > 0 and top_k <= top.shape[1]:
+        in_head = torch.ones_like(in_head)
+    if bool(in_head.all()):
+        return _threshold_from_descending(top, top_p_mass, top_p, top_k)
+    if top_k == 0 and tail < V:
+        low = logits.topk(tail, dim=-1, largest=False).values  # ascending
+        tail_mass = torch.exp(low.double() - log_z).cumsum(-1)  # mass of each token and all below it
+        in_tail = tail_mass[:, -1] > 1.0 - top_p
+        if bool((in_head | in_tail).all()):
+            first_kept = (tail_mass <= 1.0 - top_p).sum(-1, keepdim=True).clamp_max(tail - 1)
+            from_tail = low.gather(1, first_kept)
+            from_head = _threshold_from_descending(top, top_p_mass, top_p, top_k)
+            return torch.where(in_head[:, None], from_head, from_tail)
+    ordered = logits.sort(dim=-1, descending=True).values
+    return _threshold_from_descending(ordered, torch.exp(ordered.double() - log_z), top_p, top_k)
+
+
+def _threshold_from_descending(ordered: torch.Tensor, probs: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    n_keep = ((probs.cumsum(-1) - probs) < top_p).sum(-1, keepdim=True)  # smallest head reaching top_p
+    if top_k > 0:
+        n_keep = n_keep.clamp_max(top_k)
+    return ordered.gather(1, n_keep.clamp_min(1) - 1)

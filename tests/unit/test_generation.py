@@ -212,3 +212,21 @@ def test_greedy_equals_beam_search_with_one_beam_and_the_reference(model):
         assert torch.equal(got[:, : ref.shape[1]], ref) and (got[:, ref.shape[1]:] == 0).all()
         texts = model.generate(imgs, num_beams=1, max_length=12, min_length=6, prompt=prompt)
         assert texts == [t.strip() for t in model.tokenizer.decode_batch(ref[:, bos.shape[1]:].tolist())]
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 30.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_nucleus_threshold_keeps_the_same_set_as_a_full_sort(scale, top_p):
+    """The head / tail / full-sort paths all give the smallest top set reaching top_p (flat to peaked rows mixed)."""
+    from blip_core.generation import _threshold_from_descending, nucleus_threshold
+
+    g = torch.Generator().manual_seed(int(scale * 10) + int(top_p * 100))
+    logits = torch.randn(16, 5000, generator=g) * scale
+    logits[:4] += torch.rand(4, 1, generator=g) * 20  # a few rows dominated by one token
+    ordered = logits.sort(-1, descending=True).values
+    probs = torch.softmax(ordered.double(), -1)
+    ref = _threshold_from_descending(ordered, probs, top_p, 0)
+    got = nucleus_threshold(logits, top_p, tail=1024)
+    assert torch.equal(logits >= got, logits >= ref)
+    kept = (logits >= got).double() * torch.softmax(logits.double(), -1)
+    assert bool((kept.sum(-1) >= top_p - 1e-9).all())
