@@ -236,35 +236,58 @@ def nucleus_sample(
                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-def nucleus_threshold(logits: torch.Tensor, top_p: float, top_k: int = 0, head: int = 64, tail: int = 4096) -> torch.Tensor:
+def nucleus_threshold(logits: torch.Tensor, top_p: float, top_k: int = 0, head: int = 64, bins: int = 8192) -> torch.Tensor:
     """The logit of the last token of each row's nucleus [B, 1]: the nucleus is every token whose logit is at least
-    this (the smallest top set whose probability reaches ``top_p``, at most ``top_k`` tokens when > 0).
+    this (the smallest top set whose probability reaches ``top_p``, at most ``top_k`` tokens when > 0). Token i
+    (in descending order) is kept when the probability of the tokens before it is < top_p.
 
-    A full sort of the vocabulary is the slow part of a sampling step, so it is the last resort: a trained
-    captioner's nucleus is a few dozen tokens (the top ``head`` cover it); a flat distribution's nucleus is almost
-    the whole vocabulary, and then the excluded tail (probability <= 1 - top_p) lies within the bottom ``tail``.
-    Token i (in descending order) is kept when the mass before it is < top_p, i.e. when the mass of i and every
-    token below it is > 1 - top_p."""
+    Sorting the vocabulary is the slow part of a sampling step on CPU, so it is avoided: a trained captioner's
+    nucleus is a few dozen tokens, which the top ``head`` cover; otherwise (a flat distribution: the nucleus is
+    much of the vocabulary) the probability is binned by logit in one pass, the bin where the cumulative
+    probability reaches ``top_p`` is found, and only that bin's tokens are ordered. On GPU the sort is cheap."""
     V = logits.shape[-1]
+    if top_p >= 1.0 and top_k == 0:  # no nucleus: every token (whatever the rounding of a sum of V probabilities)
+        return logits.min(dim=-1, keepdim=True).values
     log_z = torch.logsumexp(logits.double(), dim=-1, keepdim=True)
     top = logits.topk(min(head, V), dim=-1).values
-    top_p_mass = torch.exp(top.double() - log_z)
-    in_head = top_p_mass.sum(-1) >= top_p
-    if top_k > 0 and top_k <= top.shape[1]:
+    top_mass = torch.exp(top.double() - log_z)
+    in_head = top_mass.sum(-1, keepdim=True) >= top_p
+    if 0 < top_k <= top.shape[1]:
         in_head = torch.ones_like(in_head)
     if bool(in_head.all()):
-        return _threshold_from_descending(top, top_p_mass, top_p, top_k)
-    if top_k == 0 and tail < V:
-        low = logits.topk(tail, dim=-1, largest=False).values  # ascending
-        tail_mass = torch.exp(low.double() - log_z).cumsum(-1)  # mass of each token and all below it
-        in_tail = tail_mass[:, -1] > 1.0 - top_p
-        if bool((in_head | in_tail).all()):
-            first_kept = (tail_mass <= 1.0 - top_p).sum(-1, keepdim=True).clamp_max(tail - 1)
-            from_tail = low.gather(1, first_kept)
-            from_head = _threshold_from_descending(top, top_p_mass, top_p, top_k)
-            return torch.where(in_head[:, None], from_head, from_tail)
+        return _threshold_from_descending(top, top_mass, top_p, top_k)
+    if top_k == 0 and logits.device.type == "cpu" and V > bins:
+        from_bins = _threshold_by_bins(logits, log_z, top_p, bins)
+        return torch.where(in_head, _threshold_from_descending(top, top_mass, top_p, top_k), from_bins)
     ordered = logits.sort(dim=-1, descending=True).values
     return _threshold_from_descending(ordered, torch.exp(ordered.double() - log_z), top_p, top_k)
+
+
+def _threshold_by_bins(values: torch.Tensor, log_z: torch.Tensor, need: torch.Tensor | float, bins: int) -> torch.Tensor:
+    """Nucleus threshold of rows of logits (-inf = no token) that must still gather probability ``need``; the
+    boundary bin's tokens are binned again until few enough to sort."""
+    x = values.double()
+    finite = torch.isfinite(x)
+    hi = x.masked_fill(~finite, float("-inf")).max(-1, keepdim=True).values
+    lo = x.masked_fill(~finite, float("inf")).min(-1, keepdim=True).values
+    # bin 0 holds the largest logits; the map is monotone, so every bin's tokens outrank the next bin's
+    b = ((hi - x) / (hi - lo).clamp_min(1e-300) * bins).nan_to_num(bins).clamp_(0, bins - 1).long()
+    mass = torch.zeros(x.shape[0], bins, dtype=torch.float64, device=x.device).scatter_add_(1, b, torch.exp(x - log_z))
+    cum = mass.cumsum(-1)
+    j = (cum < need).sum(-1, keepdim=True).clamp_max(bins - 1)  # the bin where the nucleus ends
+    before = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(cum[:, :1]))
+    in_bin = (b == j) & finite
+    # that bin's logits, packed to the left of a smaller [B, n] tensor (-inf after each row's own)
+    slot = in_bin.cumsum(-1) - 1
+    rows, cols = in_bin.nonzero(as_tuple=True)
+    cand = torch.full((x.shape[0], int(slot[:, -1].max()) + 1), float("-inf"), dtype=values.dtype, device=values.device)
+    cand[rows, slot[rows, cols]] = values[rows, cols]
+    if cand.shape[1] > 4 * bins ** 0.5 and cand.shape[1] < values.shape[1]:
+        return _threshold_by_bins(cand, log_z, need - before, bins)
+    cand = cand.sort(dim=-1, descending=True).values
+    cand_mass = torch.exp(cand.double() - log_z)
+    keep = ((before + cand_mass.cumsum(-1) - cand_mass) < need) & torch.isfinite(cand)
+    return cand.gather(1, keep.sum(-1, keepdim=True).clamp_min(1) - 1)
 
 
 def _threshold_from_descending(ordered: torch.Tensor, probs: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:

@@ -215,9 +215,10 @@ def test_greedy_equals_beam_search_with_one_beam_and_the_reference(model):
 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 30.0])
-@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 1.0])
 def test_nucleus_threshold_keeps_the_same_set_as_a_full_sort(scale, top_p):
-    """The head / tail / full-sort paths all give the smallest top set reaching top_p (flat to peaked rows mixed)."""
+    """The head and binned paths give the smallest top set reaching top_p, as a full sort does (flat to peaked
+    rows mixed in one batch)."""
     from blip_core.generation import _threshold_from_descending, nucleus_threshold
 
     g = torch.Generator().manual_seed(int(scale * 10) + int(top_p * 100))
@@ -225,8 +226,8 @@ def test_nucleus_threshold_keeps_the_same_set_as_a_full_sort(scale, top_p):
     logits[:4] += torch.rand(4, 1, generator=g) * 20  # a few rows dominated by one token
     ordered = logits.sort(-1, descending=True).values
     probs = torch.softmax(ordered.double(), -1)
-    ref = _threshold_from_descending(ordered, probs, top_p, 0)
-    got = nucleus_threshold(logits, top_p, tail=1024)
+    ref = _threshold_from_descending(ordered, probs, top_p, 0) if top_p < 1 else ordered[:, -1:]  # 1.0: every token
+    got = nucleus_threshold(logits, top_p, bins=256)
     assert torch.equal(logits >= got, logits >= ref)
     kept = (logits >= got).double() * torch.softmax(logits.double(), -1)
     assert bool((kept.sum(-1) >= top_p - 1e-9).all())
