@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("synth", help="generate the synthetic world under <root>/world/"))
     _common(sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/"))
     _round_stage(sub, "pretrain", "pre-train round K (ITC + ITM + LM) into <root>/round=K/pretrain/")
-    fine = _round_stage(sub, "finetune", "fine-tune round K's captioner or filter into <root>/round=K/<role>/")
-    fine.add_argument("--role", required=True, choices=["captioner", "filter"])
+    fine = _round_stage(sub, "finetune", "fine-tune round K's captioner, filter or shared captioner+filter (the "
+                        "paper's sharing ablation) into <root>/round=K/<role>/")
+    fine.add_argument("--role", required=True, choices=["captioner", "filter", "shared"])
     _round_stage(sub, "caption-filter", "caption and filter the ingested images into <root>/round=K/capfilt/ "
                  "with round K's captioner and filter")
     _round_stage(sub, "assemble", "round K's bootstrapped dataset manifest into <root>/round=K/dataset/")

@@ -152,12 +152,41 @@ class FilterJob(TrainJob):
     epochs: int = Field(6, ge=1)
 
 
+class SharedJob(CaptionerJob):
+    """The paper's ablation of sharing (Table 4): one fine-tune with LM + ITC + ITM, used as both captioner and
+    filter. Unset fields are the captioner's (see ``TrainConfig``)."""
+
+
 class TrainConfig(_Section):
-    """``capfilt pretrain`` and ``capfilt finetune --role captioner|filter``."""
+    """``capfilt pretrain`` and ``capfilt finetune --role captioner|filter|shared``.
+
+    ``shared`` is the ablation of a captioner and filter that share their parameters: one model fine-tuned with
+    LM (prompted, as the captioner) and ITC + ITM (the caption alone, as the filter). Each field it does not set
+    is the captioner's, so ``--set train.shared.epochs=3`` changes only that.
+    """
 
     pretrain: PretrainJob = PretrainJob()
     captioner: CaptionerJob = CaptionerJob()
     filter: FilterJob = FilterJob()
+    shared: SharedJob = SharedJob()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_defaults_to_captioner(cls, data: Any) -> Any:
+        # Before validation, so that the shared job is checked once, as merged; a bad captioner is left to
+        # fail under its own name only.
+        if not isinstance(data, dict):
+            return data
+        cap, own = data.get("captioner"), data.get("shared")
+        cap = cap.model_dump() if isinstance(cap, BaseModel) else cap
+        own = own.model_dump(exclude_unset=True) if isinstance(own, BaseModel) else own
+        if not isinstance(cap, (dict, type(None))) or not isinstance(own, (dict, type(None))):
+            return data
+        try:
+            CaptionerJob.model_validate(cap or {})
+        except ValidationError:
+            return data
+        return {**data, "shared": {**(cap or {}), **(own or {})}}
 
 
 class ActorPool(_Section):

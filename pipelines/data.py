@@ -7,8 +7,8 @@ Where each piece lives (one responsibility per module):
                              ``iter_shard`` (one shard, front to back), ``read_shards_ray`` (a Ray Dataset of
                              rows ``key, shard, url, text, image`` with the image still encoded: decoding
                              belongs to the stage that needs pixels).
-  pipelines/stream.py        ``ShardStream``, the torch IterableDataset for training: units (shards) split
-                             round-robin over ranks x DataLoader workers, shuffle buffer, seeded epochs,
+  pipelines/stream.py        ``ShardStream``, the torch IterableDataset for training: units (shards) dealt
+                             over ranks x DataLoader workers by sample count, shuffle buffer, seeded epochs,
                              corrupt images skipped and counted; ``balance="pad"`` + ``steps_per_epoch`` for
                              DDP. The sharding policy is in that module's docstring.
   pipelines/karpathy.py      COCO-Karpathy JSON on any fsspec URL: ``KarpathyDataset`` (image, captions,

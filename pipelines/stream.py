@@ -7,9 +7,17 @@ sample at a time plus the shuffle buffer, whatever the number of shards.
 Sharding policy (every epoch):
   1. all units of all sources are put in one list and permuted with a seed derived from (seed, epoch), so
      every rank and worker computes the same order without talking to the others;
-  2. there are ``world_size * num_workers`` *slots*; slot ``worker_id * world_size + rank`` takes units
-     ``slot, slot + n_slots, slot + 2 n_slots, ...`` (round-robin, ranks first, so the ranks' unit counts
-     differ by at most one);
+  2. there are ``world_size * num_workers`` *slots* (slot ``worker_id * world_size + rank``). When every
+     unit's size is known (always with ``balance="pad"``; Karpathy and bootstrapped units always know theirs,
+     shards only when sized), units are dealt by samples, longest first: the permuted list is sorted by size,
+     largest first (stably, so equal sizes keep the epoch's random order), and each unit goes to the slot with
+     the fewest samples so far (ties to the lowest slot); the slots are then relabelled by a permutation
+     seeded by (seed, epoch), so units move between ranks from epoch to epoch even when their sizes fix the
+     grouping. Slots differ by at most one unit's size — usually far less than round-robin over units of very
+     different sizes, whose short slots would be padded with repeats. Without sizes, slot ``s`` takes units
+     ``s, s + n_slots, s + 2 n_slots, ...`` (round-robin, ranks first, so the ranks' unit counts differ by at
+     most one). Either way each slot streams its units in the epoch's permuted order, and the plan is a pure
+     function of (seed, epoch, unit sizes);
   3. each slot streams its units through a shuffle buffer seeded by (seed, epoch, slot).
 With the default ``balance="none"`` every sample is seen exactly once per epoch across all ranks x workers,
 and ranks may see unequal numbers of samples (whole units) — fine for a single process, wrong for DDP,
@@ -17,7 +25,8 @@ where a rank that runs out first would hang the others' all-reduce. ``balance="p
 yields exactly as many samples as the largest slot's plan (known from the units' sizes), by streaming its own
 units once more (a slot without units repeats one of the epoch's units), so every rank gets
 ``num_workers * ceil(target / batch_size)`` batches; ``steps_per_epoch`` gives that number ahead of time.
-Padding repeats a few samples (as torch's DistributedSampler does); it never drops one.
+Padding repeats the few samples the dealing by size could not even out (as torch's DistributedSampler does);
+it never drops one.
 
 Bad data never stops the stream: a corrupt image is skipped and counted, a sample whose image is missing
 is skipped and counted, a unit that fails to read (a truncated tar) is counted and the stream moves on.
@@ -30,6 +39,7 @@ augment the same sample the same way (the order of samples does depend on the cl
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import random
 import tarfile
@@ -53,13 +63,30 @@ def derive_seed(*parts: Any) -> int:
 
 
 def assign_units(n_units: int, *, epoch: int, seed: int, world_size: int, num_workers: int,
-                 shuffle: bool = True) -> list[list[int]]:
-    """Unit indices per slot (slot = worker_id * world_size + rank) for one epoch; see the module docstring."""
+                 shuffle: bool = True, sizes: Sequence[int | None] | None = None) -> list[list[int]]:
+    """Unit indices per slot (slot = worker_id * world_size + rank) for one epoch; see the module docstring.
+
+    ``sizes`` (samples per unit): when given and all known, units are dealt longest first to the slot with the
+    fewest samples, so slots get near-equal sample counts; otherwise round-robin by unit.
+    """
     order = list(range(n_units))
     if shuffle:
         random.Random(derive_seed(seed, "units", epoch)).shuffle(order)
     n_slots = world_size * num_workers
-    return [order[s::n_slots] for s in range(n_slots)]
+    if sizes is not None and len(sizes) != n_units:
+        raise ValueError(f"{len(sizes)} sizes for {n_units} units")
+    if sizes is None or any(n is None for n in sizes):
+        return [order[s::n_slots] for s in range(n_slots)]
+    position = {u: i for i, u in enumerate(order)}
+    slots: list[list[int]] = [[] for _ in range(n_slots)]
+    loads = [(0, s) for s in range(n_slots)]  # a heap of (samples so far, slot): ties go to the lowest slot
+    for u in sorted(order, key=lambda u: -sizes[u]):  # stable: equal sizes keep the permuted order
+        load, s = heapq.heappop(loads)
+        slots[s].append(u)
+        heapq.heappush(loads, (load + sizes[u], s))
+    if shuffle:  # relabel the slots, so that units still move between ranks from epoch to epoch
+        random.Random(derive_seed(seed, "slots", epoch)).shuffle(slots)
+    return [sorted(units, key=position.__getitem__) for units in slots]
 
 
 def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -162,7 +189,8 @@ class ShardStream(IterableDataset):
         """Units per slot for an epoch (slot = worker_id * world_size + rank), as every process computes it."""
         epoch = self.epoch if epoch is None else epoch
         slots = assign_units(len(self.units), epoch=epoch, seed=self.seed, world_size=self.world_size,
-                             num_workers=max(1, num_workers), shuffle=self.shuffle_units)
+                             num_workers=max(1, num_workers), shuffle=self.shuffle_units,
+                             sizes=[u.size for _, u in self.units])
         return [[self.units[i] for i in s] for s in slots]
 
     def pad_target(self, num_workers: int = 1, epoch: int | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Training jobs on Ray Train: ``capfilt pretrain`` and ``capfilt finetune --role captioner|filter``.
+"""Training jobs on Ray Train: ``capfilt pretrain`` and ``capfilt finetune --role captioner|filter|shared``.
 
 Each job is one ``TorchTrainer`` run of N workers (CPU/gloo here, GPU/NCCL on a cluster) over a stream of
 image-text pairs (``ShardStream``, one shard of the stream per rank, padded so every rank runs the same
@@ -9,6 +9,9 @@ number of steps):
              next round; the text side optionally from a BERT directory) or from a checkpoint.
   captioner  LM only, on the human set, with the prompt "a picture of " (prompt tokens out of the loss).
   filter     ITC + ITM on the human set; captions of one image are positives of each other (image ids).
+  shared     the paper's ablation: one model for both roles, LM on the prompted caption and ITC + ITM on the
+             caption alone (as the filter sees texts), in one step. Not part of the flow; see
+             benchmarks/capfilt_experiment.py.
 The fine-tunes start from round K's pre-trained ``model/`` and are separate models (sharing them hurts).
 
 Outputs under ``<root>/round=K/<job>/`` on any fsspec URL:
@@ -75,8 +78,10 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
     "pretrain": ("itc", "itm", "lm"),
     "captioner": ("lm",),
     "filter": ("itc", "itm"),
+    "shared": ("itc", "itm", "lm"),
 }
-ROLES = ("captioner", "filter")
+ROLES = ("captioner", "filter", "shared")
+PROMPTED = ("captioner", "shared")  # jobs whose LM learns to caption after the prompt "a picture of "
 RAY_DIR = "ray_train"
 # Ray Train's controller takes each report off a one-slot queue when it polls the workers (every 2 s by
 # default), so a report blocks until the previous one was taken: metrics go to Ray at most this often (every
@@ -307,20 +312,47 @@ def image_key(image_id: str) -> int:
 
 class Collate:
     """Samples -> a batch: images stacked, ``prompt + caption`` tokenised, image ids hashed (runs in the
-    DataLoader workers)."""
+    DataLoader workers). ``separate_lm``: the prompted text goes to ``lm_input_ids`` / ``lm_attention_mask``
+    and ``input_ids`` holds the caption alone, for a job that also trains ITC/ITM (the shared fine-tune)."""
 
-    def __init__(self, tokenizer, max_length: int, prompt: str = ""):
+    def __init__(self, tokenizer, max_length: int, prompt: str = "", separate_lm: bool = False):
         self.tokenizer, self.max_length, self.prompt = tokenizer, max_length, prompt
+        self.separate_lm = separate_lm
 
     def __call__(self, samples: list) -> dict:
-        texts = [self.prompt + pre_caption(s.text) for s in samples]
-        ids, mask = self.tokenizer(texts, max_length=self.max_length)
-        return {
+        captions = [pre_caption(s.text) for s in samples]
+        lm_ids, lm_mask = self.tokenizer([self.prompt + c for c in captions], max_length=self.max_length)
+        batch = {
             "images": torch.stack([s.image for s in samples]),
-            "input_ids": ids,
-            "attention_mask": mask,
+            "input_ids": lm_ids,
+            "attention_mask": lm_mask,
             "image_ids": torch.tensor([image_key(s.image_id) for s in samples], dtype=torch.long),
         }
+        if self.separate_lm:
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer(captions, max_length=self.max_length)
+            batch["lm_input_ids"], batch["lm_attention_mask"] = lm_ids, lm_mask
+        return batch
+
+
+class SeparateLMLosses(torch.nn.Module):
+    """``BlipLosses`` for the shared fine-tune: LM on the prompted caption and ITC + ITM on the caption alone,
+    in one forward, so DDP sees one forward per backward. The image is encoded once per call (twice a step)."""
+
+    def __init__(self, losses: BlipLosses):
+        super().__init__()
+        self.losses = losses
+
+    def forward(self, images, input_ids, attention_mask, *, lm_input_ids, lm_attention_mask, objectives,
+                prompt_length: int = 0, **kw) -> dict[str, torch.Tensor]:
+        # LM first: every BlipLosses call clamps the temperature in place, and the ITC loss keeps it for backward.
+        out = {}
+        if "lm" in objectives:
+            out = self.losses(images, lm_input_ids, lm_attention_mask, objectives=("lm",),
+                              prompt_length=prompt_length, **kw)
+        rest = [o for o in objectives if o != "lm"]
+        if rest:
+            out.update(self.losses(images, input_ids, attention_mask, objectives=rest, **kw))
+        return out
 
 
 def build_sources(spec: JobSpec, n_slots: int) -> list[Source]:
@@ -385,8 +417,10 @@ class Worker:
                              f"text.max_positions ({model.config.text.max_positions})")
         model.amp_dtype = torch.bfloat16 if (self.gpu and self.jc.bf16) else None
         self.model = model
-        self.prompt = model.config.prompt if spec.job == "captioner" else ""
+        self.prompt = model.config.prompt if spec.job in PROMPTED else ""
         self.prompt_length = self._prompt_length() if self.prompt else 0
+        # LM on the prompted caption and ITC/ITM on the caption alone need two tokenisations of each caption.
+        self.separate_lm = bool(self.prompt) and "lm" in spec.objectives and len(spec.objectives) > 1
         self.losses = BlipLosses(model)
         self.losses.to(self.device)
         frozen = freeze_unused(model, spec.objectives)
@@ -413,11 +447,12 @@ class Worker:
         self.last_report = time.monotonic()
         if restore:
             self._restore(ray.train.get_checkpoint())
-        self.ddp = ray.train.torch.prepare_model(self.losses, move_to_device=False,
+        self.ddp = ray.train.torch.prepare_model(SeparateLMLosses(self.losses) if self.separate_lm else self.losses,
+                                                 move_to_device=False,
                                                  parallel_strategy_kwargs={"broadcast_buffers": False})
         self.loader = DataLoader(
             self.stream, batch_size=self.batch, num_workers=nw,
-            collate_fn=Collate(model.tokenizer, self.jc.max_text_length, self.prompt),
+            collate_fn=self._collate(),
             pin_memory=self.gpu, persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
         self.metrics = MetricsLog(storage.join(spec.job_dir, METRICS), keep_through=self.resumed_from) \
             if rank == 0 else None
@@ -425,6 +460,9 @@ class Worker:
             if rank == 0 else None
 
     # ----------------------------------------------------------------------------------------------- setup
+    def _collate(self) -> Collate:
+        return Collate(self.model.tokenizer, self.jc.max_text_length, self.prompt, separate_lm=self.separate_lm)
+
     def _prompt_length(self) -> int:
         ids, _ = self.model.tokenizer([self.prompt], add_sep=False)
         return ids.shape[1]  # [DEC] + the prompt's tokens, as BLIP's prompt_length
@@ -482,8 +520,9 @@ class Worker:
         torch.manual_seed(derive_seed(self.spec.seed, "step", self.rank, self.global_step))
         b = self._to_device(batch)
         alpha = alpha_at(self.model.config.alpha, epoch, step_in_epoch, self.plan[0])
+        lm = {k: b[k] for k in ("lm_input_ids", "lm_attention_mask") if k in b}
         out = self.ddp(b["images"], b["input_ids"], b["attention_mask"], image_ids=b["image_ids"], alpha=alpha,
-                       objectives=self.spec.objectives, prompt_length=self.prompt_length)
+                       objectives=self.spec.objectives, prompt_length=self.prompt_length, **lm)
         loss = sum(out.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -503,7 +542,7 @@ class Worker:
         if len(pairs) < n:
             raise TrainError(f"the human set has {len(pairs)} pairs, fewer than the batch of {n}")
         rows = range(self.rank * self.batch, (self.rank + 1) * self.batch)
-        collate = Collate(self.model.tokenizer, self.jc.max_text_length, self.prompt)
+        collate = self._collate()
         samples = [Sample(image=img, text=text, key=iid, image_id=iid, source="human")
                    for img, text, iid in (pairs[i] for i in rows)]
         out = self.step(collate(samples), 0, 0)
@@ -648,7 +687,8 @@ class Worker:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """The held-out set, split over ranks: retrieval for models with ITC, caption loss for the captioner."""
+        """The held-out set, split over ranks: retrieval for models with ITC, caption loss for captioning models
+        (the captioner; the shared model gets both)."""
         m = self.model
         was_training = m.training
         m.eval()
@@ -657,10 +697,11 @@ class Worker:
         part = Subset(ds, list(range(self.rank, len(ds), self.world)))
         loader = DataLoader(part, batch_size=self.jc.eval_batch_size, num_workers=min(2, self.jc.dataloader_workers),
                             collate_fn=_eval_collate)
+        result: dict = {}
         if "itc" in self.spec.objectives:
-            result = self._retrieval(loader, [i for i in range(self.rank, len(ds), self.world)])
-        else:
-            result = self._caption_loss(loader)
+            result.update(self._retrieval(loader, [i for i in range(self.rank, len(ds), self.world)]))
+        if self.prompt:
+            result.update(self._caption_loss(loader))
         m.train(was_training)
         return result
 

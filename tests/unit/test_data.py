@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import random
 import uuid
 from collections import Counter
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_helpers import key_of, write_karpathy, write_shards
+from data_helpers import jpeg, key_of, write_karpathy, write_shards
 from pipelines import storage
 from pipelines.bootstrapped import read_manifest, relativize, resolve
+from pipelines.sources import RawSample, Source, Unit
 from pipelines.data import (KarpathyDataset, KarpathySource, NotCommittedError, ShardStream, assign_units,
                             bootstrapped_stream, decode_image, eval_transform, iter_shard, list_shards, shard_name,
                             shard_size, train_transform, write_manifest)
@@ -121,6 +123,85 @@ def test_assignment_round_robins_units_over_ranks_first():
         assert sorted(sum(slots, [])) == list(range(7))
         per_rank = [len(slots[r]) + len(slots[2 + r]) for r in range(2)]
         assert abs(per_rank[0] - per_rank[1]) <= 1
+
+
+class SizedSource(Source):
+    """Units of known, chosen sizes (as Karpathy and bootstrapped units are), all sharing one small JPEG."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes, self.image = list(sizes), jpeg((90, 120, 200))
+
+    def units(self, with_sizes: bool = False) -> list[Unit]:
+        return [Unit(f"sized/{u}", u, n) for u, n in enumerate(self.sizes)]
+
+    def read(self, unit: Unit):
+        for j in range(unit.size):
+            yield RawSample(key=f"{unit.ref}-{j}", image_id=f"sized:{unit.ref}-{j}", text="t", source="sized",
+                            image=self.image)
+
+
+SKEWED = [1000, 900, 50, 50, 40, 30, 20, 10]
+
+
+def test_assignment_with_sizes_deals_samples_evenly_and_keeps_every_unit_once():
+    rng = random.Random(0)
+    for trial in range(50):
+        sizes = [rng.choice([1, 5, 20, 300, 2000]) for _ in range(rng.randint(1, 40))]
+        world, workers, epoch = rng.randint(1, 4), rng.randint(1, 3), rng.randint(0, 5)
+        slots = assign_units(len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers,
+                             sizes=sizes)
+        assert len(slots) == world * workers
+        assert sorted(sum(slots, [])) == list(range(len(sizes)))  # every unit exactly once
+        loads = [sum(sizes[u] for u in s) for s in slots]
+        assert max(loads) - min(loads) <= max(sizes)  # longest-first greedy: within one unit of each other
+        # A pure function of (seed, epoch, sizes): every rank and worker computes the same plan.
+        assert slots == assign_units(len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers,
+                                     sizes=sizes)
+    # Sizes fix the grouping ({1000 + small ones} vs {900 + small ones}), yet the groups move between ranks.
+    firsts = {tuple(assign_units(8, epoch=e, seed=3, world_size=2, num_workers=1, sizes=SKEWED)[0])
+              for e in range(6)}
+    assert len(firsts) > 1
+    # Each slot streams its units in the epoch's permuted order, not by size; unknown sizes fall back to
+    # round-robin over units.
+    order = assign_units(8, epoch=2, seed=7, world_size=1, num_workers=1)[0]
+    assert assign_units(8, epoch=2, seed=7, world_size=1, num_workers=1, sizes=SKEWED) == [order]
+    assert assign_units(5, epoch=0, seed=0, world_size=2, num_workers=2, shuffle=False,
+                        sizes=[3, None, 1, 1, 1]) == [[0, 4], [1], [2], [3]]
+    with pytest.raises(ValueError, match="sizes"):
+        assign_units(3, epoch=0, seed=0, world_size=1, num_workers=1, sizes=[1, 2])
+
+
+def test_pad_with_skewed_unit_sizes_repeats_few_samples():
+    # Round-robin over these units left one rank with a few small units, padded with thousands of repeats.
+    keys = {f"{u}-{j}" for u, n in enumerate(SKEWED) for j in range(n)}
+    for epoch in range(3):
+        seen, repeated, steps = [], 0, []
+        for rank in range(2):
+            stream = ShardStream([SizedSource(SKEWED)], rank=rank, world_size=2, balance="pad", seed=epoch,
+                                 shuffle_buffer=50)
+            stream.set_epoch(epoch)
+            got = [s.key for s in stream]
+            steps.append(stream.steps_per_epoch(batch_size=10))
+            assert len(got) == stream.pad_target()
+            seen += got
+            repeated += stream.stats()["repeated"]
+        assert steps[0] == steps[1]
+        assert set(seen) == keys  # padding never drops a sample
+        assert len(seen) - repeated == len(keys) and repeated == len(seen) - len(keys)
+        assert repeated < 0.02 * len(seen), (epoch, repeated, len(seen))
+
+
+def test_sized_units_are_seen_exactly_once_per_epoch_across_ranks_and_workers():
+    sizes = [9, 1, 7, 3, 3, 2, 12, 5]
+    keys = sorted(f"{u}-{j}" for u, n in enumerate(sizes) for j in range(n))
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            stream = ShardStream([SizedSource(sizes)], transform=EVAL, rank=rank, world_size=2, seed=4,
+                                 shuffle_buffer=3)
+            stream.set_epoch(epoch)
+            seen += [k for k, *_ in run(stream, num_workers=2)]
+        assert sorted(seen) == keys
 
 
 def test_epochs_reshuffle_reproducibly(tmp_path):

@@ -14,8 +14,9 @@ from pipelines.config import ConfigError, load_config, validate_config
 from pipelines.modeling import ensure_tokenizer, human_set
 from pipelines.optim import build_optimizer, build_scheduler, lr_at
 from pipelines.sources import Sample
-from pipelines.train import (Collate, MetricsLog, TrainError, freeze_unused, image_key, pre_caption, resolve_job,
-                             retrieval_metrics)
+from blip_core import BlipLosses
+from pipelines.train import (ROLES, Collate, MetricsLog, SeparateLMLosses, TrainError, freeze_unused, image_key,
+                             pre_caption, resolve_job, retrieval_metrics)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "flows" / "configs" / "tiny.yaml")
@@ -41,6 +42,21 @@ def test_train_config_errors_name_the_field():
         load_config(TINY, ["train.captioner.lr=-1"])
     cfg = load_config(TINY, ["train.captioner.lr=3e-5", "train.filter.max_steps=7"])
     assert cfg.train.captioner.lr == 3e-5 and cfg.train.filter.max_steps == 7
+
+
+def test_the_shared_job_takes_the_captioners_settings_unless_it_sets_its_own():
+    cfg = load_config(TINY, ["train.captioner.lr=3e-4", "train.captioner.epochs=4"])
+    assert cfg.train.shared.model_dump() == cfg.train.captioner.model_dump()
+    cfg = load_config(TINY, ["train.captioner.lr=3e-4", "train.shared.epochs=2"])
+    assert (cfg.train.shared.lr, cfg.train.shared.epochs) == (3e-4, 2) and cfg.train.captioner.epochs != 2
+    assert validate_config(cfg.model_dump()) == cfg  # the merged job survives the trip to the Ray workers
+    # Checked as merged: the captioner's batch size, the shared job's workers.
+    with pytest.raises(ConfigError, match=r"train\.shared: .*batch_size \(24\) must be divisible by workers \(5\)"):
+        load_config(TINY, ["train.captioner.batch_size=24", "train.shared.workers=5"])
+    with pytest.raises(ConfigError, match=r"train\.shared\.learning_rate: unknown"):
+        load_config(TINY, ["train.shared.learning_rate=1"])
+    assert "shared" in ROLES
+    assert validate_config({"world": {"size": "tiny"}}).train.shared.epochs == 5  # the captioner's default
 
 
 def test_tiny_config_trains_with_two_workers_and_without_flips():
@@ -107,6 +123,34 @@ def test_collate_prefixes_the_prompt_and_hashes_image_ids_stably():
     text = model.tokenizer.decode(batch["input_ids"][0].tolist())
     assert text.startswith("a picture of") and "." not in text
     assert pre_caption('a "red" circle.  (left)') == "a red circle left"
+
+
+def test_the_shared_job_trains_lm_on_the_prompted_caption_and_itc_itm_on_the_caption_alone():
+    model = _tiny_model()
+    samples = [Sample(image=torch.rand(3, 64, 64), text=t, key=str(i), image_id=f"human:{i}", source="human")
+               for i, t in enumerate(["a red circle", "two blue squares", "a star", "a red circle on the left"])]
+    batch = Collate(model.tokenizer, 20, prompt="a picture of ", separate_lm=True)(samples)
+    decode = model.tokenizer.decode
+    assert decode(batch["input_ids"][0].tolist()) == "a red circle"
+    assert decode(batch["lm_input_ids"][0].tolist()) == "a picture of a red circle"
+    prompt_length = model.tokenizer(["a picture of "], add_sep=False)[0].shape[1]
+
+    # One forward of the wrapper = LM on the prompted text and ITC + ITM on the plain text, one backward.
+    a, b = BlipLosses(model), BlipLosses(_tiny_model())
+    kw = dict(image_ids=batch["image_ids"], alpha=0.4)
+    torch.manual_seed(1)
+    out = SeparateLMLosses(a)(batch["images"], batch["input_ids"], batch["attention_mask"],
+                              lm_input_ids=batch["lm_input_ids"], lm_attention_mask=batch["lm_attention_mask"],
+                              objectives=("itc", "itm", "lm"), prompt_length=prompt_length, **kw)
+    torch.manual_seed(1)
+    ref = b(batch["images"], batch["lm_input_ids"], batch["lm_attention_mask"], objectives=("lm",),
+            prompt_length=prompt_length, **kw)
+    ref.update(b(batch["images"], batch["input_ids"], batch["attention_mask"], objectives=("itc", "itm"), **kw))
+    assert set(out) == {"itc", "itm", "lm"}
+    for k in out:
+        assert torch.allclose(out[k], ref[k]), k
+    sum(out.values()).backward()
+    assert model.itm_head.weight.grad is not None and model.text_proj.weight.grad is not None
 
 
 def test_unused_parameters_are_frozen_per_objective():
@@ -186,6 +230,9 @@ def test_jobs_refuse_to_start_without_their_inputs(tmp_path):
     storage.commit(str(root / "round=1" / "pretrain"))
     fil = resolve_job(cfg, str(root), 1, "filter")
     assert fil.init.endswith("round=1/pretrain/model") and fil.sources[0]["kind"] == "karpathy"
+    shared = resolve_job(cfg, str(root), 1, "shared")
+    assert shared.init == fil.init and shared.sources == fil.sources and shared.objectives == ("itc", "itm", "lm")
+    assert shared.job_dir.endswith("round=1/shared") and shared.train == cfg.train.shared
     assert fil.tokenizer is None  # a fine-tune takes its checkpoint's tokenizer
     storage.commit(str(root / "round=1" / "dataset"))
     nxt = resolve_job(cfg, str(root), 2, "pretrain")
