@@ -457,17 +457,20 @@ def render_image(facts: dict, size: int, rng: np.random.Generator) -> Image.Imag
     draw = ImageDraw.Draw(img)
     _draw_background(draw, facts["background"], n, rng)
     for obj, cx, cy, r in _placements(facts, rng):
-        cx, cy, r = cx * n, cy * n, r * n
-        fill = COLOURS[obj["colour"]]
-        pts = _shape_points(obj["shape"], cx, cy, r)
-        if obj["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj["shape"] == "square":
-            s = 0.85 * r
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        else:
-            draw.polygon(pts, fill=fill)
+        draw_object(draw, obj, cx * n, cy * n, r * n)
     return img.resize((size, size), Image.LANCZOS)
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: dict, cx: float, cy: float, r: float) -> None:
+    """One object of the world centred at (cx, cy) with radius r, in pixels."""
+    fill = COLOURS[obj["colour"]]
+    if obj["shape"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif obj["shape"] == "square":
+        s = 0.85 * r
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    else:
+        draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=fill)
 
 
 def _jpeg(img: Image.Image) -> bytes:

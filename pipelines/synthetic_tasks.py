@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .synthetic import (BACKGROUNDS, COLOURS, PLURALS, POSITIONS, SHAPES, SIZES, _article, _choice, _draw_background,
-                        _random_object, _rng, _shape_points, render_caption, render_image, sample_facts)
+                        _random_object, _rng, draw_object, render_caption, render_image, sample_facts)
 
 _TASK_CODE = {"vqa": 101, "nlvr": 102, "video": 103}
 NUMBERS = {2: "two", 3: "three"}
@@ -129,16 +129,7 @@ def render_clip(facts: dict, size: int, frames: int, rng: np.random.Generator) -
     out = []
     for t in np.linspace(0.0, 1.0, frames):
         img = background.copy()
-        draw = ImageDraw.Draw(img)
-        cx, cy = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
-        fill = COLOURS[obj["colour"]]
-        if obj["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj["shape"] == "square":
-            s = 0.85 * r
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        else:
-            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=fill)
+        draw_object(ImageDraw.Draw(img), obj, x0 + t * (x1 - x0), y0 + t * (y1 - y0), r)
         out.append(img.resize((size, size), Image.LANCZOS))
     return out
 
