@@ -41,8 +41,9 @@ def _pretrain(model: BlipModel, captions: list[str], images: torch.Tensor, steps
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> dict:
-    torch.set_num_threads(1)
+def tasks(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the figures in the README were measured so; restored for the tests after these
     root = tmp_path_factory.mktemp("tasks")
     files = write_tasks(str(root), seed=0, image_size=SIZE, vqa_images=(2000, 200), nlvr_pairs=(2000, 200),
                         video_clips=40)
@@ -64,7 +65,8 @@ def tasks(tmp_path_factory) -> dict:
     model.save_pretrained(root / "scratch")
     _pretrain(model, captions, images, steps=400)
     model.save_pretrained(root / "pretrained")
-    return {"root": root, "files": files, "scratch": str(root / "scratch"), "pretrained": str(root / "pretrained")}
+    yield {"root": root, "files": files, "scratch": str(root / "scratch"), "pretrained": str(root / "pretrained")}
+    torch.set_num_threads(threads)
 
 
 def _language_prior_accuracy(train: str, test: str) -> float:
