@@ -56,15 +56,8 @@ class Attention(nn.Module):
         """Keys and values of a context (the image tokens), computed once and reused for every step/beam."""
         return self.split(self.k(context)), self.split(self.v(context))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``kv``: precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image).
-        ``past``: cached self-attention keys/values; the new ones are returned for the next step."""
+    def forward(self, x: torch.Tensor, mask=None, kv=None, past=None):
+        """``attend``, then BERT's residual and LayerNorm."""
         h, new_past = self.attend(x, mask, kv, past)
         return self.norm(h + x), new_past
 
@@ -75,7 +68,9 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """The attention branch before the residual and LayerNorm (NLVR2 merges two of them first)."""
+        """The attention branch before the residual and LayerNorm (NLVR2 merges two of them first). ``kv``:
+        precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image). ``past``: cached
+        self-attention keys/values; the new ones are returned for the next step."""
         b, t, w = x.shape
         q = self.split(self.q(x))
         new_past = None
