@@ -55,12 +55,10 @@ def _natural(f: Path) -> list:
 
 def _read_container(p: Path) -> list[Image.Image]:
     try:
-        import av  # noqa: F401 - only needed for video containers
+        import av  # only needed for video containers
     except ImportError:
         raise ValueError(f"{p} is not an animated image or a frame directory, and PyAV (pip install av) is not "
                          "installed to read video containers") from None
-    import av
-
     try:
         with av.open(str(p)) as container:
             return [frame.to_image() for frame in container.decode(video=0)]

@@ -70,9 +70,9 @@ def _downstream_parsers(sub) -> None:
         p.add_argument("--ann", required=True, help="annotation JSON (path or fsspec URL)")
         p.add_argument("--images", required=True, help="image root the annotation paths are relative to")
         p.add_argument("--out", help="finetune: checkpoint directory to write; eval (vqa): result JSON to write")
-        p.add_argument("--epochs", type=int, default=5)
+        p.add_argument("--epochs", type=int, default=None, help="finetune: default the library's (VQA 5, NLVR2 10)")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--lr", type=float, default=2e-5)
+        p.add_argument("--lr", type=float, default=None, help="finetune: default the library's (VQA 2e-5, NLVR2 3e-5)")
         p.add_argument("--no-augment", dest="augment", action="store_false",
                        help="finetune: no random crops / RandAugment (for tiny images a crop can cut the object away)")
         p.add_argument("--device", default=None, help="default: cuda when available")
@@ -106,8 +106,9 @@ def _run_downstream(args) -> dict:
         if not args.out:
             raise ds.DownstreamError("finetune needs --out (the checkpoint directory to write)")
         fit = ds.finetune_vqa if args.command == "vqa" else ds.finetune_nlvr
-        return fit(args.model, args.ann, args.images, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, augment=args.augment, device=args.device)
+        given = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+        return fit(args.model, args.ann, args.images, args.out, batch_size=args.batch_size, augment=args.augment,
+                   device=args.device, **given)
     if args.command == "vqa":
         return ds.eval_vqa(args.model, args.ann, args.images, answer_list=args.answer_list, k=args.k, out=args.out,
                            batch_size=args.batch_size, device=args.device)
