@@ -65,15 +65,19 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The attention branch before the residual and LayerNorm (NLVR2 merges two of them first). ``kv``:
-        precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image). ``past``: cached
+        precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image), or the raw context
+        tokens [B', N, D] for ``attend_unprojected``. ``past``: cached
         self-attention keys/values; the new ones are returned for the next step."""
         b, t, w = x.shape
         q = self.split(self.q(x))
         new_past = None
+        if isinstance(kv, torch.Tensor):
+            return F.dropout(self.out(self.attend_unprojected(q, kv, mask).transpose(1, 2).reshape(b, t, w)),
+                             self.dropout, self.training), None
         if kv is None:
             k, v = self.split(self.k(x)), self.split(self.v(x))
             if past is not None:
@@ -95,6 +99,34 @@ class Attention(nn.Module):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         ctx = ctx.transpose(1, 2).reshape(b, t, w)
         return F.dropout(self.out(ctx), self.dropout, self.training), new_past
+
+
+    def unprojected_is_cheaper(self, queries: int, context_tokens: int, context_width: int) -> bool:
+        """Whether ``attend_unprojected`` costs fewer multiply-adds than projecting the context's keys and values
+        (it does when few queries meet many context tokens: an ITM text against an image's 197 tokens)."""
+        w, n = self.q.out_features, context_tokens
+        unprojected = 2 * self.heads * queries * context_width * n + 2 * queries * w * context_width
+        projected = 2 * n * context_width * w + 2 * queries * w * n
+        return unprojected < 0.7 * projected  # the unprojected path's batched matmuls run further below the peak
+
+    def attend_unprojected(self, q: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of queries [B, H, T, d] to raw context tokens [B', N, D] (B' divides B), without projecting the
+        context: q·(W_k c) = (W_kᵀ q)·c per head, the key bias adds a constant per query row (softmax ignores it),
+        and since each row of P sums to 1, P(W_v c + b_v) = W_v (P c) + b_v. Exact up to float rounding; inference
+        only (attention dropout would break the row sums). Returns [B, H, T, d]."""
+        b, h, t, d = q.shape
+        bc, n, dc = context.shape
+        g = b // bc  # several texts per context fold into the query axis, as in ``attend``
+        q = q.view(bc, g, h, t, d).transpose(1, 2).reshape(bc, h, g * t, d)
+        wk = self.k.weight.view(h, d, dc)
+        wv = self.v.weight.view(h, d, dc)
+        qk = torch.einsum("bhtd,hdc->bhtc", q * d**-0.5, wk).reshape(bc, h * g * t, dc)
+        scores = torch.bmm(qk, context.transpose(1, 2)).view(bc, h, g * t, n)
+        if mask is not None:
+            scores = scores + mask
+        pc = torch.bmm(scores.softmax(-1).view(bc, h * g * t, n), context).view(bc, h, g * t, dc)
+        ctx = torch.einsum("bhtc,hdc->bhtd", pc, wv) + self.v.bias.view(1, h, 1, d)
+        return ctx.view(bc, h, g, t, d).transpose(1, 2).reshape(b, h, t, d)
 
 
 class FeedForward(nn.Module):
@@ -174,8 +206,13 @@ class MED(nn.Module):
         x = self.embeddings(input_ids)
         mask = padding_mask(attention_mask, x.dtype)
         img_mask = padding_mask(image_mask, x.dtype)
+        unprojected = (image_embeds is not None and not self.training and self.encoder[0].cross_attn.unprojected_is_cheaper(
+            input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:]))
         for layer in self.encoder:
-            kv = layer.cross_attn.context_kv(image_embeds) if image_embeds is not None else None
+            if image_embeds is None or unprojected:  # the raw image tokens: attend_unprojected
+                kv = image_embeds
+            else:
+                kv = layer.cross_attn.context_kv(image_embeds)
             x = self._run(layer, x, mask, kv, img_mask)
         return x
 

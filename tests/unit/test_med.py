@@ -270,3 +270,43 @@ def test_initializer_range_sets_the_text_sides_initial_std_and_keeps_tiny_text_f
 
     assert spread(0.02) < 1e-3
     assert spread(0.125) > 20 * spread(0.02)
+
+
+@pytest.mark.parametrize("texts_per_image", [1, 3])
+def test_unprojected_cross_attention_equals_projecting_the_context(texts_per_image):
+    """``attend_unprojected`` (the grounded encoder's path when few text tokens meet many image tokens) gives the
+    cross-attention of projected keys and values, padded image tokens and several texts per image included."""
+    from blip_core.med import Attention, padding_mask
+
+    torch.manual_seed(0)
+    attn = Attention(width=48, heads=4, context_width=40, eps=1e-12, dropout=0.0).eval()
+    _perturb(attn)
+    x, context = torch.randn(2 * texts_per_image, 5, 48), torch.randn(2, 50, 40)
+    image_mask = torch.ones(2, 50, dtype=torch.long)
+    image_mask[1, 30:] = 0
+    mask = padding_mask(image_mask, x.dtype)
+    projected, _ = attn.attend(x, mask, kv=attn.context_kv(context))
+    unprojected, _ = attn.attend(x, mask, kv=context)
+    torch.testing.assert_close(unprojected, projected, atol=1e-5, rtol=1e-5)
+    assert attn.unprojected_is_cheaper(queries=5, context_tokens=50, context_width=40)
+    # where each text is long against few image tokens, projecting once is cheaper
+    assert not attn.unprojected_is_cheaper(queries=64, context_tokens=5, context_width=40)
+
+
+def test_grounded_encoder_takes_the_unprojected_path_for_short_texts_on_many_image_tokens(make_model, monkeypatch):
+    """At the benchmark's shape (short texts, 197 image tokens) ITM never projects the image tokens, and its scores
+    are those of the projected path."""
+    from blip_core.med import Attention
+
+    model = make_model().eval()
+    _perturb(model)
+    ids, mask = model.tokenize(["a red square", "two blue circles on the left"])
+    image_embeds = torch.randn(2, 197, model.config.vision.width)
+    with torch.no_grad():
+        fast = model.itm_logits(image_embeds, ids, mask)
+        monkeypatch.setattr(Attention, "unprojected_is_cheaper", lambda self, *a: False)
+        calls = []
+        monkeypatch.setattr(Attention, "context_kv", lambda self, c: calls.append(1) or (self.split(self.k(c)), self.split(self.v(c))))
+        slow = model.itm_logits(image_embeds, ids, mask)
+    assert calls, "the projected path ran"
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
