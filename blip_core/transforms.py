@@ -121,13 +121,16 @@ def normalize() -> T.Normalize:
 
 
 def train_transform(image_size: int, hflip: bool = True, randaugment: bool = True,
-                    aug_ops: Sequence[str] = BLIP_AUG_OPS) -> T.Compose:
+                    aug_ops: Sequence[str] = BLIP_AUG_OPS, random_crop: bool = True) -> T.Compose:
     """BLIP's pre-training/fine-tuning augmentation (BLIP/data/__init__.py).
 
     ``hflip=False`` for worlds whose captions say left/right: a mirrored image would contradict its caption.
+    ``random_crop=False`` resizes the whole image instead of BLIP's random crop of 50-100% of its area, for worlds
+    whose captions state positions, counts and sizes: a crop moves, cuts away and enlarges the objects.
     ``aug_ops`` narrows the RandomAugment op list (e.g. without GEOMETRIC_OPS).
     """
-    steps: list = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC)]
+    steps: list = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC)
+                   if random_crop else T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if randaugment:

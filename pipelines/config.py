@@ -116,6 +116,8 @@ class TrainJob(_Section):
     eval_batch_size: int = Field(64, ge=1)
     hflip: bool = Field(True, description="random horizontal flips; false for worlds whose captions say left/right")
     randaugment: bool = True
+    random_crop: bool = Field(True, description="BLIP's random crop of 50-100% of the image; false resizes the whole "
+                              "image (worlds whose captions state positions, counts and sizes)")
 
     @model_validator(mode="after")
     def _check_job(self) -> "TrainJob":

@@ -430,7 +430,8 @@ class Worker:
 
         self.stream = ShardStream(
             build_sources(spec, world * max(1, self.jc.dataloader_workers)),
-            transform=train_transform(self.jc.image_size, hflip=self.jc.hflip, randaugment=self.jc.randaugment),
+            transform=train_transform(self.jc.image_size, hflip=self.jc.hflip, randaugment=self.jc.randaugment,
+                                      random_crop=self.jc.random_crop),
             seed=derive_seed(spec.seed, "data"), shuffle_buffer=self.jc.shuffle_buffer, rank=rank,
             world_size=world, balance="pad")
         nw = self.jc.dataloader_workers

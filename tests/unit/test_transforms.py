@@ -49,6 +49,21 @@ def test_train_transform_shape(hflip, randaugment):
     assert tuple(norm.mean) == MEAN and tuple(norm.std) == STD
 
 
+def test_without_random_crop_the_whole_image_is_kept():
+    """``random_crop=False`` (worlds whose captions state positions and counts): every training view is the whole
+    image, resized as at evaluation; with BLIP's crop, views differ and some lose part of the image."""
+    torch.manual_seed(0)
+    img = Image.new("RGB", (64, 64), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 8, 8))  # a white corner a crop of half the area often cuts away
+    whole = train_transform(32, hflip=False, randaugment=False, random_crop=False)
+    assert isinstance(whole.transforms[0], T.Resize)
+    views = [whole(img) for _ in range(20)]
+    assert all(torch.equal(v, eval_transform(32)(img)) for v in views)
+    cropped = train_transform(32, hflip=False, randaugment=False)
+    corner_lost = sum(bool(denormalize(cropped(img)).amax() < 0.5) for _ in range(60))
+    assert corner_lost > 5
+
+
 def left_is_red(x: torch.Tensor) -> bool:
     """Red's centre of mass lies left of blue's (crops, shifts and small rotations keep that; a mirror not)."""
     px = denormalize(x)
