@@ -79,7 +79,7 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
     source = (info.get("fingerprint") or {}).get("source") or cfg.capfilt.source or cfg.ingest.source
     shards_url = storage.RunRoot(root).ingest(source)
     try:
-        human = human_set(cfg, root)
+        human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}  # the manifest is read elsewhere
     except ValueError as err:
         raise AssembleError(str(err)) from None
     entries = read_karpathy(human["train"])

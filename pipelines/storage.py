@@ -7,6 +7,7 @@ works the same on a local disk and on object stores (where renames are not atomi
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import time
 from typing import Any
@@ -19,6 +20,12 @@ MARKER = "_COMMITTED"
 
 def join(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts) if "://" in root else posixpath.join(root, *parts)
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (relative to the current directory); any URL with a scheme unchanged. Paths
+    that travel to Ray Train workers must be absolute: a worker runs in a directory of its own."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -137,10 +137,11 @@ def resolve_job(cfg: RunConfig, root: str, round: int, job: str) -> JobSpec:
         raise TrainError(f"unknown job {job!r}; choose from {list(OBJECTIVES)}")
     if round < 1:
         raise TrainError(f"rounds count from 1, got --round {round}")
+    root = storage.absolute(root)  # the workers run elsewhere: every location below is absolute (or a URL)
     rr = storage.RunRoot(root)
     jc: TrainJob = getattr(cfg.train, job)
     try:
-        human = human_set(cfg, root)
+        human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}
     except ValueError as err:
         raise TrainError(str(err)) from None
     for name in ("train", "test"):
@@ -183,6 +184,7 @@ def resolve_job(cfg: RunConfig, root: str, round: int, job: str) -> JobSpec:
                              "committed")
         init = storage.join(src, "model")
     elif init != "scratch":
+        init = storage.absolute(init)
         fs, path = storage.filesystem(init)
         if not fs.exists(path):
             raise TrainError(f"train.{job}.init: no checkpoint at {init}")
@@ -193,7 +195,9 @@ def resolve_job(cfg: RunConfig, root: str, round: int, job: str) -> JobSpec:
             tokenizer = ensure_tokenizer(cfg, root)
         except (ValueError, OSError) as err:
             raise TrainError(f"model.tokenizer: {err}") from None
-        bert = cfg.model.init_text_from_bert
+        if tokenizer != "bert-base-uncased":
+            tokenizer = storage.absolute(tokenizer)
+        bert = cfg.model.init_text_from_bert and storage.absolute(cfg.model.init_text_from_bert)
     return JobSpec(job=job, round=round, root=root, job_dir=job_dir(root, round, job), config=cfg.model_dump(),
                    init=init, tokenizer=tokenizer, bert_dir=bert, sources=sources,
                    test={"ann": human["test"], "image_root": human["image_root"]},

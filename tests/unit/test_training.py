@@ -208,6 +208,24 @@ def _fake_world(root: Path) -> None:
     (world / "human_test.json").write_text(json.dumps([{"image": "t.jpg", "caption": ["x"], "image_id": "t"}]))
 
 
+def test_a_relative_root_reaches_the_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Ray Train runs each worker in a directory of its own, so a relative root (``make demo``'s runs/demo) must
+    reach the job spec resolved against the driver's directory, the trained tokenizer and the human set included."""
+    root = tmp_path / "run"
+    _fake_world(root)
+    storage.commit(str(root / "ingest" / "web"))
+    (root / "tokenizer").mkdir()
+    storage.commit(str(root / "tokenizer"))
+    monkeypatch.chdir(tmp_path)
+    spec = resolve_job(load_config(TINY, ["model.tokenizer=train"]), "run", 1, "pretrain")
+    assert spec.root == spec.job_dir.rsplit("/round=", 1)[0] == str(root)
+    assert spec.tokenizer == str(root / "tokenizer")
+    assert spec.test["ann"] == str(root / "world" / "human_test.json")
+    assert spec.sources == [{"kind": "shards", "url": str(root / "ingest" / "web")},
+                            {"kind": "karpathy", "ann": str(root / "world" / "human_train.json"),
+                             "image_root": str(root / "world" / "images")}]
+
+
 def test_jobs_refuse_to_start_without_their_inputs(tmp_path):
     root = tmp_path / "run"
     _fake_world(root)
