@@ -1,8 +1,8 @@
 """Model throughput: our BLIP against transformers' BLIP on the same weights and inputs, float32.
 
 Measures captioning by nucleus sampling (1 and 5 samples per image) in images/s, beam search in images/s,
-and ITM in pairs/s (one text per image, and the filter's two texts per image); prints them side by side with the ratio and the achieved GFLOP/s against this
-machine's measured float32 matmul peak. Targets (CPU, float32): captioning >= 1.5x transformers, ITM >= 1.1x.
+and ITM in pairs/s (one text per image, and the filter's two texts per image); prints them side by side with
+the ratio and the achieved GFLOP/s against this machine's measured float32 matmul peak. Targets (CPU, float32): captioning >= 1.5x transformers, ITM >= 1.1x.
 
 Every sequence is forced to the same length (min_length = max_length) so both sides decode the same
 number of tokens whatever their samples are.
@@ -139,6 +139,7 @@ def main() -> None:
         # The filter's workload: each image against its web text and its synthetic caption. Ours encodes the image
         # once for both; transformers' retrieval class takes one image per text, so it gets each image twice.
         half = n // 2
+
         def itm2_ours():
             return ours.itm_logits(ours.encode_image(images[:half]), ids, mask).softmax(-1)[:, 1]
 

@@ -70,8 +70,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The attention branch before the residual and LayerNorm (NLVR2 merges two of them first). ``kv``:
         precomputed context keys/values [B', H, N, d] where B' divides B (beams share an image), or the raw context
-        tokens [B', N, D] for ``attend_unprojected``. ``past``: cached
-        self-attention keys/values; the new ones are returned for the next step."""
+        tokens [B', N, D] for ``attend_unprojected``. ``past``: cached self-attention keys/values; the new ones are
+        returned for the next step."""
         b, t, w = x.shape
         q = self.split(self.q(x))
         new_past = None
@@ -99,7 +99,6 @@ class Attention(nn.Module):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         ctx = ctx.transpose(1, 2).reshape(b, t, w)
         return F.dropout(self.out(ctx), self.dropout, self.training), new_past
-
 
     def unprojected_is_cheaper(self, queries: int, context_tokens: int, context_width: int) -> bool:
         """Whether ``attend_unprojected`` costs fewer multiply-adds than projecting the context's keys and values
@@ -206,8 +205,10 @@ class MED(nn.Module):
         x = self.embeddings(input_ids)
         mask = padding_mask(attention_mask, x.dtype)
         img_mask = padding_mask(image_mask, x.dtype)
-        unprojected = (image_embeds is not None and not self.training and self.encoder[0].cross_attn.unprojected_is_cheaper(
-            input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:]))
+        # One-shot cross-attention (each layer's image keys/values used once): skip projecting the image tokens when
+        # that is cheaper. Every layer has the same shapes, so the first one decides.
+        unprojected = image_embeds is not None and not self.training and self.encoder[0].cross_attn.unprojected_is_cheaper(
+            input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:])
         for layer in self.encoder:
             if image_embeds is None or unprojected:  # the raw image tokens: attend_unprojected
                 kv = image_embeds

@@ -68,6 +68,7 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
     """Write and commit round K's dataset manifest and its summary; returns the summary."""
     from .modeling import human_set
 
+    root = storage.absolute(root)  # the manifest is read by Ray Train workers, which run elsewhere
     out = storage.RunRoot(root).round(round, "dataset")
     if storage.is_committed(out):
         log.info("dataset %s already committed; nothing to do", out)
@@ -79,7 +80,7 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
     source = (info.get("fingerprint") or {}).get("source") or cfg.capfilt.source or cfg.ingest.source
     shards_url = storage.RunRoot(root).ingest(source)
     try:
-        human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}  # the manifest is read elsewhere
+        human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}
     except ValueError as err:
         raise AssembleError(str(err)) from None
     entries = read_karpathy(human["train"])

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 
-from . import storage
 from .config import ConfigError, load_config
 from .errors import StageError
 
@@ -212,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "bootstrap" and not args.root:
         args.root = f"runs/{cfg.name}"
-    if getattr(args, "root", None):
-        args.root = storage.absolute(args.root)  # Ray Train workers and manifests must not depend on the cwd
     try:
         out = COMMANDS[args.command](cfg, args)
     except PermissionError as err:  # an unusable run root
