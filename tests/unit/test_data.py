@@ -366,3 +366,35 @@ def test_manifest_locations_resolve_relative_to_the_manifest():
     assert relativize(base, "s3://other/x") == "s3://other/x"
     assert resolve("/data/run/round=0/dataset", "../capfilt") == "/data/run/round=0/capfilt"
     assert resolve(base, "/abs/path") == "/abs/path"
+
+
+@pytest.mark.parametrize("where", ["in a header", "in a member's data"])
+def test_a_shard_cut_anywhere_inside_a_block_raises_after_its_whole_samples(tmp_path, where):
+    """tarfile itself ends quietly when the file stops inside a header; iter_shard must still report the cut (the
+    CapFilt stage records it as a shard error) and never yield the sample the cut broke."""
+    import io
+    import tarfile
+
+    from pipelines.shards import iter_shard
+
+    buf = io.BytesIO()
+    offsets = []
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(4):
+            for ext, data in (("jpg", jpeg((i, 0, 0))), ("txt", f"caption {i}".encode())):
+                offsets.append(buf.tell())  # where this member's header starts
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    txt2 = offsets[5]  # the header of sample 2's text
+    cut = txt2 + 100 if where == "in a header" else txt2 + 512 + 3
+    path = tmp_path / "cut.tar"
+    path.write_bytes(whole[:cut])
+    got = []
+    with pytest.raises(tarfile.ReadError):
+        for sample in iter_shard(str(path)):
+            got.append(sample.key)
+    assert got == ["00000", "00001"]
+    (tmp_path / "whole.tar").write_bytes(whole)
+    assert [s.key for s in iter_shard(str(tmp_path / "whole.tar"))] == ["00000", "00001", "00002", "00003"]
