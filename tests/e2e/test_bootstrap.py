@@ -43,7 +43,7 @@ def flow_run(tmp_path_factory):
     env = _env(base / "prefect-home")
     seconds, proc = _bootstrap(base / "run", env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return {"root": base / "run", "env": env, "seconds": seconds, "stdout": proc.stdout}
+    return {"root": base / "run", "env": env, "seconds": seconds, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def _capfilt_tables(capfilt: Path) -> dict[str, object]:
@@ -76,6 +76,8 @@ def test_bootstrap_commits_every_stage_in_the_documented_layout(flow_run):
     for line in ("images ingested: 300 of 300", "filter vs ground truth", "precision", "recall", "round 1:",
                  "round 2:", "duckdb -c", "CapFilt Parquet:", "round=1/eval/report.html"):
         assert line in out, f"the closing summary lacks {line!r}:\n{out}"
+    # The in-process Prefect server makes no outbound call (its telemetry is off; this machine has no internet).
+    assert "prefect.server.services.telemetry" not in flow_run["stderr"] + out, flow_run["stderr"][-4000:]
 
 
 def test_a_rerun_skips_every_committed_stage(flow_run):

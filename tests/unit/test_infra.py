@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -67,3 +70,15 @@ def test_prefect_deployment_file_validates_and_names_the_capfilt_flow():
     assert {"config", "root", "overrides"} <= set(params) and set(deployment.parameters) <= set(params)
     assert set(flow.parameters.required) == {"config", "root"}
     assert deployment.work_pool.name == "capfilt"
+
+
+def test_the_in_process_prefect_server_sends_no_telemetry_unless_the_user_asks():
+    probe = ("import flows.bootstrap; from prefect.settings import get_current_settings; "
+             "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    repo = INFRA.parent
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "True"
