@@ -2,7 +2,8 @@
 
 Measures captioning by nucleus sampling (1 and 5 samples per image) in images/s, beam search in images/s,
 and ITM in pairs/s (one text per image, and the filter's two texts per image); prints them side by side with
-the ratio and the achieved GFLOP/s against this machine's measured float32 matmul peak. Targets (CPU, float32): captioning >= 1.5x transformers, ITM >= 1.1x.
+the ratio and the achieved GFLOP/s against this machine's measured float32 matmul peak. Targets (CPU, float32):
+captioning >= 1.5x transformers, ITM >= 1.1x.
 
 Every sequence is forced to the same length (min_length = max_length) so both sides decode the same
 number of tokens whatever their samples are.

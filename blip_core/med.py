@@ -207,8 +207,9 @@ class MED(nn.Module):
         img_mask = padding_mask(image_mask, x.dtype)
         # One-shot cross-attention (each layer's image keys/values used once): skip projecting the image tokens when
         # that is cheaper. Every layer has the same shapes, so the first one decides.
-        unprojected = image_embeds is not None and not self.training and self.encoder[0].cross_attn.unprojected_is_cheaper(
-            input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:])
+        unprojected = (image_embeds is not None and not self.training
+                       and self.encoder[0].cross_attn.unprojected_is_cheaper(
+                           input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:]))
         for layer in self.encoder:
             if image_embeds is None or unprojected:  # the raw image tokens: attend_unprojected
                 kv = image_embeds
