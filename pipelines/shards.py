@@ -92,8 +92,8 @@ def iter_shard(shard_url: str, keys: set[str] | None = None, **storage_options: 
 
     ``keys`` restricts the output to those keys; the others' bytes are skipped, not kept. A sample without
     an image member is yielded with ``image=None``. A truncated or broken tar raises tarfile.ReadError
-    after the whole samples read so far were yielded; the caller decides whether that is fatal. (A cut exactly
-    at a member boundary leaves a valid, shorter tar and cannot be told apart.)
+    after the whole samples read so far were yielded (a tar without its end-of-archive blocks counts as cut); the
+    caller decides whether that is fatal.
     """
     current: dict[str, Any] = {}
     current_key: str | None = None
@@ -126,12 +126,15 @@ def iter_shard(shard_url: str, keys: set[str] | None = None, **storage_options: 
                 continue  # tarfile skips the unread data when advancing
             data = tar.extractfile(member)
             current[ext.lower()] = data.read() if data is not None else b""
-        # tarfile ends quietly when the file stops inside a member's header, so a shard cut there would pass for a
-        # whole one. An uncompressed tar is a whole number of 512-byte blocks: check that, before yielding the last
-        # sample (a cut may have taken some of its members).
-        f.read()
-        if getattr(tar.fileobj, "comptype", "tar") == "tar" and f.tell() % tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"{shard_url} ends inside a tar block ({f.tell()} bytes): the shard is truncated")
+        # tarfile ends quietly when the file stops at or inside a member's header, so a shard cut there would pass
+        # for a whole one. A whole tar ends with zero blocks where the next header would be: require them, before
+        # yielding the last sample (a cut may have taken some of its members). Positions are uncompressed bytes.
+        stream = tar.fileobj
+        while stream.read(1 << 16):
+            pass
+        if stream.pos < tar.offset + tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"{shard_url} ends after {stream.pos} bytes without the end-of-archive blocks: "
+                                    "the shard is truncated")
         sample = flush()
         if sample is not None:
             yield sample
