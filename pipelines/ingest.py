@@ -19,6 +19,11 @@ and records what it did:
   (``success`` | ``failed_to_download`` | ``failed_to_resize``) and ``error_message``, never an exception.
   Only a shard that img2dataset could not write at all (storage failure) stops the commit: the stage then
   raises :class:`IngestIncomplete`, and a rerun redoes just the missing shards.
+- **One order.** img2dataset writes a shard's samples in the order their downloads finish, so two ingests of
+  one list would hold the same samples in different orders, and everything trained on them would differ.
+  Before the commit every shard is put in key order, which is the list's order
+  (:func:`pipelines.shards.sort_shard`: one more read of each shard, and a rewrite of those out of order);
+  the manifest's ``this_run`` says how many were rewritten and how long it took.
 - **Incremental and committed.** img2dataset runs with ``incremental_mode="incremental"``: a shard whose
   ``NNNNN_stats.json`` exists is skipped, so a rerun after a crash only redoes unfinished shards. When every
   shard is there, ``manifest.json`` (shards, counts, success rate, failures by status and by error) is
@@ -58,8 +63,10 @@ import sys
 import tempfile
 import threading
 import time
+import tarfile
 import types
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Iterator
@@ -73,6 +80,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import IngestConfig, RunConfig
 from .errors import StageError
+from .shards import sort_shard
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +304,21 @@ def _img2dataset_download(img2dataset: Any, prepared: PreparedInput, out: str, i
     )
 
 
+def _sort_shards(out: str, shard_ids: list[int], threads: int) -> int:
+    """Every shard in key order (:func:`pipelines.shards.sort_shard`, one shard per thread); how many had to be
+    rewritten. Shards of an earlier, interrupted run are checked too (reading an ordered one costs one read)."""
+    def one(sid: int) -> bool:
+        name = f"{sid:0{_OOM_SHARD_COUNT}d}"
+        try:
+            return sort_shard(storage.join(out, f"{name}.tar"))
+        except (tarfile.TarError, OSError) as err:
+            raise IngestIncomplete(f"shard {name} of {out} is unreadable ({err}); nothing committed: delete its "
+                                   f"{name}_stats.json and rerun `capfilt ingest` to download it again") from err
+
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        return sum(pool.map(one, shard_ids))
+
+
 def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
     """``capfilt ingest``: download the URL list into committed shards; returns the manifest."""
     ic = cfg.ingest
@@ -340,6 +363,9 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
     if missing:
         raise IngestIncomplete(f"img2dataset did not finish shards {missing[:20]} of {out}; "
                                "nothing committed, rerun `capfilt ingest` to redo them")
+    t0 = time.time()
+    sorted_now = _sort_shards(out, sorted(stats), ic.processes)
+    sort_seconds = time.time() - t0
     done_now = [stats[s] for s in stats if s not in before]
     samples_now = sum(s["count"] for s in done_now)
     shard_seconds = sum(s["duration"] for s in done_now)
@@ -347,7 +373,9 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
                 "samples_per_second": round(samples_now / seconds, 1) if seconds > 0 else None,
                 # per worker process, without img2dataset's start-up (spawning and importing take ~10 s)
                 "shard_seconds": round(shard_seconds, 3),
-                "worker_samples_per_second": round(samples_now / shard_seconds, 1) if shard_seconds > 0 else None}
+                "worker_samples_per_second": round(samples_now / shard_seconds, 1) if shard_seconds > 0 else None,
+                # img2dataset's shards put in key order (the input list's), so that every ingest of a list is the same
+                "shards_sorted": sorted_now, "sort_seconds": round(sort_seconds, 3)}
     manifest = _manifest(ic, prepared, stats, this_run)
     storage.write_json(manifest_url, manifest)
     storage.commit(out, {"total": manifest["total"], "successes": manifest["successes"],

@@ -11,6 +11,7 @@ per-row status rather than a failed read.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import posixpath
@@ -126,18 +127,70 @@ def iter_shard(shard_url: str, keys: set[str] | None = None, **storage_options: 
                 continue  # tarfile skips the unread data when advancing
             data = tar.extractfile(member)
             current[ext.lower()] = data.read() if data is not None else b""
-        # tarfile ends quietly when the file stops at or inside a member's header, so a shard cut there would pass
-        # for a whole one. A whole tar ends with zero blocks where the next header would be: require them, before
-        # yielding the last sample (a cut may have taken some of its members). Positions are uncompressed bytes.
-        stream = tar.fileobj
-        while stream.read(1 << 16):
-            pass
-        if stream.pos < tar.offset + tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"{shard_url} ends after {stream.pos} bytes without the end-of-archive blocks: "
-                                    "the shard is truncated")
+        # Before yielding the last sample: a cut may have taken some of its members.
+        _require_end_of_archive(tar, shard_url)
         sample = flush()
         if sample is not None:
             yield sample
+
+
+def _require_end_of_archive(tar: tarfile.TarFile, shard_url: str) -> None:
+    """tarfile ends quietly when the file stops at or inside a member's header, so a shard cut there would pass
+    for a whole one. A whole tar ends with zero blocks where the next header would be: require them (positions
+    are uncompressed bytes). Call after the last member was read."""
+    stream = tar.fileobj
+    while stream.read(1 << 16):
+        pass
+    if stream.pos < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"{shard_url} ends after {stream.pos} bytes without the end-of-archive blocks: "
+                                "the shard is truncated")
+
+
+def sort_shard(shard_url: str, **storage_options: Any) -> bool:
+    """Put a shard's samples in key order, in place; returns whether it had to be rewritten.
+
+    img2dataset writes a shard's samples in the order their downloads finish (its threads), so two ingests of
+    the same list give the same samples in different orders, and a training stream that reads them gives
+    different models. Its keys follow the input list (shard id, then row), so key order is the list's order.
+    The shard is read once into memory (one shard: ``shard_size`` encoded samples); one already in order is
+    not written. The sorted tar is written beside it (``.tar.sorting``) and moved over it, so a crash leaves
+    the old shard whole; each member keeps its header (name, mode, mtime), each sample its members' order.
+    Next to it, ``NNNNN.parquet`` (img2dataset's per-URL rows, failures included) gets the same order.
+    """
+    fs, path = url_to_fs(shard_url, **storage_options)
+    samples: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
+    order: list[str] = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            data = tar.extractfile(member) if member.isfile() else None
+            stem = posixpath.basename(member.name).partition(".")[0]
+            if stem not in samples:
+                samples[stem] = []
+                order.append(stem)
+            elif order[-1] != stem:
+                order.append(stem)  # a sample's members apart: not in order
+            samples[stem].append((member, data.read() if data is not None else b""))
+        _require_end_of_archive(tar, shard_url)
+    rewritten = order != sorted(samples)
+    if rewritten:
+        tmp = path + ".sorting"
+        with fs.open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w|") as out:
+            for stem in sorted(samples):
+                for member, data in samples[stem]:
+                    out.addfile(member, io.BytesIO(data) if member.isfile() else None)
+        fs.mv(tmp, path)
+    table_path = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
+    if fs.exists(table_path):
+        import pyarrow.parquet as pq
+
+        with fs.open(table_path, "rb") as f:
+            table = pq.read_table(f)
+        if "key" in table.column_names and not table.sort_by("key").column("key").equals(table.column("key")):
+            tmp = table_path + ".sorting"
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(table.sort_by("key"), f)
+            fs.mv(tmp, table_path)
+    return rewritten
 
 
 # ---------------------------------------------------------------------------------------------- Ray Data

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipelines import storage
+from pipelines.shards import iter_shard, list_shards
 from pipelines.synthetic import serve_directory, serve_world, world_files
 
 from integration_helpers import TINY, capfilt, read_shards
@@ -68,7 +69,16 @@ def test_synth_then_ingest_lands_exactly_the_reachable_images(tmp_path):
     assert all(r["status"] == "failed_to_download" and "404" in r["error_message"] for r in failed)
     assert all(r["caption"] == caption_of[_url_path(r["url"])] for r in rows)
 
+    # Every shard in key order (the list's order), not img2dataset's download-completion order, so that two ingests
+    # of one list stream the same samples in the same order.
+    for shard in list_shards(out):
+        keys = [s.key for s in iter_shard(shard)]
+        assert keys == sorted(keys)
+        listed = pq.read_table(shard[:-4] + ".parquet").column("key").to_pylist()  # failures too
+        assert listed == sorted(listed) and set(keys) <= set(listed)
+
     manifest = json.loads((Path(out) / "manifest.json").read_text())
+    assert isinstance(manifest["this_run"]["shards_sorted"], int)
     assert manifest["total"] == 120 and manifest["successes"] == 118 and manifest["n_shards"] == 3
     assert manifest["success_rate"] == pytest.approx(118 / 120)
     assert manifest["failures_by_status"] == {"failed_to_download": 2, "failed_to_resize": 0}

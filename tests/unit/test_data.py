@@ -399,3 +399,56 @@ def test_a_shard_cut_anywhere_inside_a_block_raises_after_its_whole_samples(tmp_
     assert got == ["00000", "00001"]
     (tmp_path / "whole.tar").write_bytes(whole)
     assert [s.key for s in iter_shard(str(tmp_path / "whole.tar"))] == ["00000", "00001", "00002", "00003"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_sort_shard_puts_samples_in_key_order_once_and_keeps_every_member(tmp_path, where):
+    """img2dataset writes samples as their downloads finish; sort_shard rewrites the tar (and its Parquet) in key
+    order with every member's bytes and header, and leaves a shard already in order untouched."""
+    import io
+    import tarfile
+
+    from pipelines.shards import sort_shard
+
+    base = str(tmp_path) if where == "local" else memory_url()
+    fs, root = storage.filesystem(base)
+    order = ["000000003", "000000000", "000000002", "000000001"]  # download-completion order
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key in order:
+            for ext, data in (("jpg", jpeg((int(key), 0, 0))), ("txt", f"caption {key}".encode()),
+                              ("json", f'{{"key": "{key}"}}'.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000 + int(key)
+                tar.addfile(info, io.BytesIO(data))
+    tar_path, table_path = posixpath.join(root, "00000.tar"), posixpath.join(root, "00000.parquet")
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(tar_path, "wb") as f:
+        f.write(buf.getvalue())
+    rows = pa.table({"url": [f"http://x/{k}" for k in order + ["000000004"]], "key": order + ["000000004"],
+                     "status": ["success"] * 4 + ["failed_to_download"]})
+    with fs.open(table_path, "wb") as f:
+        pq.write_table(rows, f)
+    url = storage.join(base, "00000.tar")
+
+    before = {s.key: s for s in iter_shard(url)}
+    assert sort_shard(url) is True
+    after = list(iter_shard(url))
+    assert [s.key for s in after] == sorted(order)
+    assert all(s.image == before[s.key].image and s.text == before[s.key].text and s.meta == before[s.key].meta
+               for s in after)
+    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members][:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+    assert {m.name: m.mtime for m in members}["000000003.txt"] == 1_700_000_003
+    with fs.open(table_path, "rb") as f:
+        table = pq.read_table(f)
+    assert table.column("key").to_pylist() == sorted(order) + ["000000004"]
+    assert table.column("url").to_pylist()[0] == "http://x/000000000"
+    assert not fs.exists(tar_path + ".sorting")
+
+    with fs.open(tar_path, "rb") as f:
+        sorted_bytes = f.read()
+    assert sort_shard(url) is False  # in order: not written again
+    with fs.open(tar_path, "rb") as f:
+        assert f.read() == sorted_bytes
