@@ -135,8 +135,10 @@ def table(r: dict) -> str:
     ]
     for k in ("round1", "round2"):
         m = r[k]
+        ret = m["retrieval"]
         lines.append(f"{k}: retrieval R@1 {m['retrieval_r1']:.1f}, caption attribute accuracy {m['caption_attribute_accuracy']:.1f}%, "
-                     f"CIDEr {m['cider']:.1f}")
+                     f"CIDEr {m['cider']:.1f}; text/image R@1 re-ranked {ret['txt_r1']:.1f}/{ret['img_r1']:.1f}, "
+                     f"ITC alone {ret['itc_txt_r1']:.1f}/{ret['itc_img_r1']:.1f}")
     return "\n".join(lines)
 
 

@@ -81,9 +81,10 @@ class BlipConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     # How ITM picks the one negative text per image and the one negative image per text (never one with the same
     # image id): "hard" (the paper) samples in proportion to the contrastive similarity; "uniform" samples every other
-    # image of the batch alike. Hard negatives need an encoder that can already tell near-identical captions apart
-    # (BLIP's comes from BERT and 129M pairs); a tiny model trained from scratch for a few hundred steps cannot, the
-    # ITM loss then stays at the prior of 1 match : 2 non-matches (~0.64) and the filter keeps almost nothing.
+    # image of the batch alike. Hard negatives need an encoder that can already tell near-identical captions apart:
+    # a tiny model trained from scratch for a few hundred steps on randomly cropped images could not (the demo world,
+    # session 3: ITM stayed at the prior of 1 match : 2 non-matches, ~0.64, and the filter kept almost nothing). On
+    # whole images for ~3,000 steps (flows/configs/full.yaml) they work, and beat uniform ones (README).
     itm_negatives: Literal["hard", "uniform"] = "hard"
     prompt: str = "a picture of "
 
