@@ -60,10 +60,10 @@ import os
 import posixpath
 import signal
 import sys
+import tarfile
 import tempfile
 import threading
 import time
-import tarfile
 import types
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -304,18 +304,19 @@ def _img2dataset_download(img2dataset: Any, prepared: PreparedInput, out: str, i
     )
 
 
-def _sort_shards(out: str, shard_ids: list[int], threads: int) -> int:
+def _sort_shards(out: str, shard_ids: list[int], workers: int) -> int:
     """Every shard in key order (:func:`pipelines.shards.sort_shard`, one shard per thread); how many had to be
-    rewritten. Shards of an earlier, interrupted run are checked too (reading an ordered one costs one read)."""
+    rewritten. Shards of an earlier, interrupted run are checked too (reading an ordered one costs one read).
+    A broken tar is an IngestIncomplete; a storage error propagates as it is (a rerun retries it)."""
     def one(sid: int) -> bool:
         name = f"{sid:0{_OOM_SHARD_COUNT}d}"
         try:
             return sort_shard(storage.join(out, f"{name}.tar"))
-        except (tarfile.TarError, OSError) as err:
+        except tarfile.TarError as err:
             raise IngestIncomplete(f"shard {name} of {out} is unreadable ({err}); nothing committed: delete its "
                                    f"{name}_stats.json and rerun `capfilt ingest` to download it again") from err
 
-    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         return sum(pool.map(one, shard_ids))
 
 

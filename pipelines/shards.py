@@ -68,11 +68,16 @@ def list_shards(url: str, *, allow_uncommitted: bool = False, **storage_options:
     return [storage.join(url, posixpath.basename(p)) for p in tars]
 
 
+def _beside(tar_path: str, suffix: str) -> str:
+    """``.../00012.tar`` -> ``.../00012<suffix>``: img2dataset's files next to a shard."""
+    return (tar_path[:-4] if tar_path.endswith(".tar") else tar_path) + suffix
+
+
 def shard_size(shard_url: str, **storage_options: Any) -> int:
     """Number of successful samples in a shard: from img2dataset's ``_stats.json`` when present (cheap on
     object stores), else by scanning the tar's member names."""
     fs, path = url_to_fs(shard_url, **storage_options)
-    stats = path[:-4] + "_stats.json" if path.endswith(".tar") else path + "_stats.json"
+    stats = _beside(path, "_stats.json")
     if fs.exists(stats):
         with fs.open(stats, "r") as f:
             successes = json.load(f).get("successes")
@@ -179,16 +184,17 @@ def sort_shard(shard_url: str, **storage_options: Any) -> bool:
                 for member, data in samples[stem]:
                     out.addfile(member, io.BytesIO(data) if member.isfile() else None)
         fs.mv(tmp, path)
-    table_path = path[:-4] + ".parquet" if path.endswith(".tar") else path + ".parquet"
+    table_path = _beside(path, ".parquet")
     if fs.exists(table_path):
         import pyarrow.parquet as pq
 
         with fs.open(table_path, "rb") as f:
             table = pq.read_table(f)
-        if "key" in table.column_names and not table.sort_by("key").column("key").equals(table.column("key")):
+        ordered = table.sort_by("key") if "key" in table.column_names else table
+        if not ordered.equals(table):
             tmp = table_path + ".sorting"
             with fs.open(tmp, "wb") as f:
-                pq.write_table(table.sort_by("key"), f)
+                pq.write_table(ordered, f)
             fs.mv(tmp, table_path)
     return rewritten
 
