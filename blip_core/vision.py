@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -27,6 +27,10 @@ def build_vit(cfg: VisionConfig) -> VisionTransformer:
         # Any resolution that is a multiple of the patch size works; positions are interpolated on the fly.
         dynamic_img_size=True,
     )
+    if cfg.pos_embed_init == "sincos":
+        side = cfg.image_size // cfg.patch_size
+        with torch.no_grad():  # the patch rows; [CLS]'s row keeps timm's start
+            vit.pos_embed[0, 1:] = build_sincos2d_pos_embed([side, side], cfg.width)
     if cfg.grad_checkpointing:
         vit.set_grad_checkpointing(True)
     return vit
