@@ -15,10 +15,10 @@ Determinism. A caption depends only on its image, the checkpoint and a per-image
 actor cuts what it is handed into chunks of exactly ``capfilt.model_batch_size`` images (padded with blank
 images and placeholder texts) and pads every text to the model's maximum length, so every forward pass has the
 same shapes whatever the number of actors, Ray's batch size or the neighbours of a row. (A GEMM over a
-different number of rows may round differently in the last bit; over the same shapes, a row's result does
-not depend on its position or its neighbours.) Changing ``model_batch_size``, the device or the torch
-thread count may change scores in the last bits; a caption only if a sampling draw falls within that
-difference of a boundary.
+different number of rows may round differently in the last bit, and even over the same shapes a CPU kernel
+may round a row by its position in the chunk: a score can move by ~1e-7 with a row's neighbours.) Changing
+``model_batch_size``, the device or the torch thread count may change scores in the last bits; a caption only
+if a sampling draw falls within that difference of a boundary.
 
 Exactly once. Work is committed in *units* (``capfilt.shards_per_unit`` consecutive shards; the plan is fixed
 by the first run in ``_plan.json`` together with a fingerprint of everything that decides a row: checkpoint

@@ -186,9 +186,18 @@ def test_a_row_gets_the_same_captions_and_scores_whatever_its_neighbours(checkpo
         rows = filt(cap(b)).to_pylist()
         return {(r["key"], r["candidate"]): (r["text"], r["itm_score"], r["itc_score"]) for r in rows}
 
+    def same(got: dict, want: dict) -> bool:
+        """The same texts; scores equal up to float32 rounding (a BLAS kernel may round a row differently by its
+        position in the chunk: one ITM score moved 6e-8 when the ViT's position table changed)."""
+        def close(a, b) -> bool:
+            return a == b or (a is not None and b is not None and abs(a - b) <= 1e-6)
+
+        return got.keys() == want.keys() and all(
+            got[k][0] == want[k][0] and all(map(close, got[k][1:], want[k][1:])) for k in want)
+
     alone = {}
     for i in range(7):
         alone.update(run([i]))
-    assert run(list(range(7))) == alone  # one call of 7 (chunks of 4 + 3 padded) == 7 calls of 1
-    assert run([6, 2, 4]) == {k: v for k, v in alone.items() if k[0] in ("k6", "k2", "k4")}
+    assert same(run(list(range(7))), alone)  # one call of 7 (chunks of 4 + 3 padded) == 7 calls of 1
+    assert same(run([6, 2, 4]), {k: v for k, v in alone.items() if k[0] in ("k6", "k2", "k4")})
     assert len({v[0] for k, v in alone.items() if k[1] is not None}) > 1  # real, varied captions
