@@ -87,10 +87,9 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _train(model, loader: DataLoader, loss_fn, *, epochs: int, lr: float, weight_decay: float, device: torch.device,
-           seed: int) -> list[float]:
+def _train(model, loader: DataLoader, loss_fn, *, epochs: int, lr: float, weight_decay: float,
+           device: torch.device) -> list[float]:
     """AdamW with a cosine schedule (BLIP's fine-tunes), bf16 autocast on GPU; returns the loss per epoch."""
-    torch.manual_seed(seed)
     model.to(device).train()
     model.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     opt = build_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -139,6 +138,7 @@ def finetune_vqa(model: str, train: str, images: str, out: str, *, epochs: int =
                  device: str | None = None) -> dict:
     """Fine-tune BlipVQA on a VQA JSON (each question's answers weighted by how many annotators gave them)."""
     rows = read_annotations(train, ("image", "question", "answer"))
+    torch.manual_seed(seed)  # before the heads the checkpoint lacks are built, so a fine-tune is its seed's alone
     vqa = BlipVQA.from_pretrained(model)
     tf = _train_transform(_image_size(vqa), augment)
 
@@ -153,7 +153,7 @@ def finetune_vqa(model: str, train: str, images: str, out: str, *, epochs: int =
 
     loader = DataLoader(_Rows(rows, load), batch_size=batch_size, shuffle=True, collate_fn=_collate,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(rows) > batch_size)
-    curve = _train(vqa, loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay, device=_device(device), seed=seed)
+    curve = _train(vqa, loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay, device=_device(device))
     return {"checkpoint": out, "checkpoint_id": vqa.save_pretrained(out), "loss": curve, "questions": len(rows)}
 
 
@@ -209,6 +209,7 @@ def finetune_nlvr(model: str, train: str, images: str, out: str, *, epochs: int 
                   lr: float = 3e-5, weight_decay: float = 0.05, augment: bool = True, seed: int = 0,
                   device: str | None = None) -> dict:
     rows = read_annotations(train, ("images", "sentence", "label"))
+    torch.manual_seed(seed)  # before the heads the checkpoint lacks are built, so a fine-tune is its seed's alone
     nlvr = BlipNLVR.from_pretrained(model)
     tf = _train_transform(_image_size(nlvr), augment)
 
@@ -217,7 +218,7 @@ def finetune_nlvr(model: str, train: str, images: str, out: str, *, epochs: int 
         return m.loss(torch.stack(left), torch.stack(right), texts, labels)
 
     curve = _train(nlvr, _nlvr_loader(rows, images, tf, batch_size, shuffle=True, seed=seed), loss_fn, epochs=epochs,
-                   lr=lr, weight_decay=weight_decay, device=_device(device), seed=seed)
+                   lr=lr, weight_decay=weight_decay, device=_device(device))
     return {"checkpoint": out, "checkpoint_id": nlvr.save_pretrained(out), "loss": curve, "pairs": len(rows)}
 
 
