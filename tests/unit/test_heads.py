@@ -535,24 +535,3 @@ def test_encode_video(pretrained):
         assert model.itm_logits(tokens, ids, mask).shape == (2, 2)
     with pytest.raises(ValueError, match="clips must have shape"):
         encode_video(model, clips[0])
-
-
-def test_a_fine_tune_is_its_seeds_alone(pretrained, tmp_path):
-    """The heads a checkpoint lacks are built from the fine-tune's seed, not from whatever ran before it."""
-    from pipelines.downstream import finetune_nlvr
-
-    pretrained.save_pretrained(tmp_path / "blip")
-    rng = torch.Generator().manual_seed(3)
-    for i in range(4):
-        px = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
-        Image.fromarray(px).save(tmp_path / f"{i}.png")
-    rows = [{"images": [f"{i}.png", f"{(i + 1) % 4}.png"], "sentence": QUESTIONS[i % 3], "label": i % 2 == 0}
-            for i in range(4)]
-    (tmp_path / "nlvr.json").write_text(json.dumps(rows))
-
-    def fit(seed: int) -> str:
-        torch.rand(int(torch.randint(1, 100, ()).item()))  # a different random state each time
-        return finetune_nlvr(str(tmp_path / "blip"), str(tmp_path / "nlvr.json"), str(tmp_path), str(tmp_path / "out"),
-                             epochs=1, batch_size=2, lr=1e-3, augment=False, seed=seed)["checkpoint_id"]
-
-    assert fit(0) == fit(0) != fit(1)
