@@ -1,7 +1,7 @@
 """CapFilt throughput and memory: the whole Ray Data pipeline against the bare models in one process.
 
 Side by side, on the same images and checkpoints (a tiny captioner and filter trained on a synthetic world's
-human set, as the integration tests train them):
+human set by ``benchmarks/_common.py``, as the integration tests train them):
 
   bare      decode + caption + filter in one Python process (``pipelines.capfilt.LocalRunner``: the same stage
             code, no Ray), over N shards; images/s counted after the models are loaded, for 1 and for all
@@ -39,7 +39,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the tiny-model trainer of the integration tests
 
 TINY = str(ROOT / "flows" / "configs" / "tiny.yaml")
 MARKER_VAR = "CAPFILT_BENCH_RUN"
@@ -77,10 +76,10 @@ def write_shards(world: Path, directory: Path, n_shards: int, per_shard: int) ->
 
 def setup(work: Path, n_shards: int, per_shard: int) -> tuple[Path, Path]:
     """A world, 10 x N shards of it, and a trained tiny captioner and filter. Returns (small root, large root)."""
-    from capfilt_helpers import link_models, train_models
+    from _common import link_models, train_models  # benchmarks/_common.py, shared with the CapFilt tests
 
     from pipelines.config import load_config
-    from pipelines.synthetic import run_synth
+    from pipelines.world import run_synth
 
     world_root = work / "world-run"
     n_images = 10 * n_shards * per_shard

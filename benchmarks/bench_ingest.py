@@ -17,7 +17,7 @@ import time
 from pipelines import storage
 from pipelines.config import IngestConfig, RunConfig, WorldConfig
 from pipelines.ingest import run_ingest
-from pipelines.synthetic import run_synth
+from pipelines.world import run_synth
 
 
 def main() -> None:

@@ -26,8 +26,6 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import pipelines  # noqa: E402,F401  - Ray's environment before ray is imported
-
 
 def ensure_world(config: str, root: str) -> None:
     capfilt = str(Path(sys.executable).parent / "capfilt")
@@ -96,7 +94,7 @@ def main() -> None:
     from pipelines.ray_runtime import ensure_ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ensure_ray(dashboard=True)
+    ensure_ray(dashboard=True)  # sets Ray's environment before this process first imports ray
     results = [measure(args.config, args.root, w, args.steps, args.batch_size, args.dataloader_workers)
                for w in args.workers]
 

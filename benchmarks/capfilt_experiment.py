@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.config import load_config
 from pipelines.summary import filter_agreement
-from pipelines.synthetic import caption_attribute_accuracy
+from pipelines.world import caption_attribute_accuracy
 
 CAPFILT = str(Path(sys.executable).parent / "capfilt")
 TARGETS = {"filter_auc": 0.95, "noise_reduction": 4.0, "round_gain_points": 5.0, "minutes": 60.0}
@@ -175,11 +175,10 @@ def stage_cmd(stage: str, config: str, root: str, sets: list[str], *extra: str) 
 def link_inputs(main_root: str, root: str) -> None:
     """The main run's world (human set, truth) and ingested shards under an ablation root: symlinks on a local
     disk, a copy elsewhere. Stages only read them."""
-    from pipelines.modeling import is_local
 
     for name in ("world", "ingest"):
         src, dst = storage.join(main_root, name), storage.join(root, name)
-        if is_local(root) and is_local(main_root):
+        if storage.is_local(root) and storage.is_local(main_root):
             src, dst = storage.filesystem(src)[1], storage.filesystem(dst)[1]
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if not os.path.lexists(dst):

@@ -3,7 +3,7 @@ and the downstream heads (VQA, NLVR2; zero-shot video retrieval uses BlipModel i
 from .checkpoint import checkpoint_id
 from .config import BlipConfig, TextConfig, VisionConfig
 from .losses import BlipLosses, alpha_at
-from .model import BlipModel
+from .model import BlipModel  # model, nlvr, vqa: importing them registers their classes (registry.py)
 from .nlvr import BlipNLVR
 from .tokenizer import BlipTokenizer
 from .vqa import BlipVQA

@@ -1,13 +1,15 @@
 """Checkpoint directories: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``, identified by content hash.
 
 ``load_pretrained`` also recognises a Hugging Face BLIP directory and an official BLIP ``.pth`` and converts
-them (see convert.py). Nothing is ever unpickled beyond tensors (``torch.load(weights_only=True)``).
+them (see convert.py). Nothing is ever unpickled beyond tensors (``torch.load(weights_only=True)``). The class
+of a checkpoint's ``task`` comes from ``registry`` (the models build on this module, not the other way round).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from .config import BlipConfig
+from .convert import load_hf_blip, load_official_pth
+from .registry import model_class
 from .tokenizer import BlipTokenizer
+from .vision import interpolate_pos_embed
 
 FORMAT = "capfilt-blip"
 FORMAT_VERSION = 1
@@ -71,8 +76,6 @@ def _umask() -> int:
 
 
 def _rmtree(p: Path) -> None:
-    import shutil
-
     shutil.rmtree(p, ignore_errors=True)
 
 
@@ -87,22 +90,11 @@ def checkpoint_id(directory: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def model_classes() -> dict[str, type]:
-    """The model class of each ``task`` a checkpoint can hold."""
-    from .model import BlipModel
-    from .nlvr import BlipNLVR
-    from .vqa import BlipVQA
-
-    return {cls.task: cls for cls in (BlipModel, BlipVQA, BlipNLVR)}
-
-
 def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, map_location: str | torch.device = "cpu"):
     """Load any supported checkpoint; ``image_size`` resizes the ViT's position table (e.g. 224 -> 384)."""
 
     p = Path(path)
     if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
-        from .convert import load_official_pth
-
         model = load_official_pth(p)
     elif p.is_dir() and (p / CONFIG).exists():
         try:
@@ -121,11 +113,11 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
             except ValueError as err:
                 raise ValueError(f"{p / CONFIG}: {err}") from None
             tok = BlipTokenizer.from_pretrained(p) if (p / "tokenizer.json").exists() else None
-            classes = model_classes()
-            task = meta.get("task", "pretrain")
-            if task not in classes:
-                raise ValueError(f"{p / CONFIG}: unknown task {task!r}; this capfilt knows {sorted(classes)}")
-            model = classes[task](config, tok)
+            try:
+                cls = model_class(meta.get("task", "pretrain"))
+            except ValueError as err:  # unknown task: name the file
+                raise ValueError(f"{p / CONFIG}: {err}") from None
+            model = cls(config, tok)
             if not (p / WEIGHTS).is_file():
                 raise FileNotFoundError(f"{p} has {CONFIG} but no {WEIGHTS}")
             try:
@@ -140,8 +132,6 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
                     f"{p} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
                 )
         elif meta.get("model_type") == "blip" or any(a.startswith("Blip") for a in meta.get("architectures", [])):
-            from .convert import load_hf_blip
-
             model = load_hf_blip(p)
         else:
             raise ValueError(f"{p} is not a BLIP checkpoint (config.json has neither format={FORMAT!r} nor model_type='blip')")
@@ -156,8 +146,6 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
 
 def resize_image(model, image_size: int):
     """A copy of ``model`` for another input resolution, with its position embeddings interpolated."""
-    from .vision import interpolate_pos_embed
-
     cfg = model.config.model_copy(update={"vision": model.config.vision.model_copy(update={"image_size": image_size})})
     cfg = BlipConfig.from_dict(cfg.model_dump())
     state = model.state_dict()

@@ -26,8 +26,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .config import BlipConfig
+from .registry import model_class
 from .tokenizer import BlipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ def _torch_load(path: Path) -> dict:
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if (directory / "model.safetensors").exists():
         return load_file(str(directory / "model.safetensors"))
     index = directory / "model.safetensors.index.json"
@@ -231,8 +231,6 @@ def _tokenizer_for(vocab_size: int, source: str) -> BlipTokenizer | None:
 # --- Hugging Face BLIP ---------------------------------------------------------------------------------------
 def load_hf_blip(directory: str | os.PathLike):
     """A ``BlipModel`` from a Hugging Face ``BlipForConditionalGeneration`` / ``BlipForImageTextRetrieval`` directory."""
-    from .model import BlipModel
-
     d = Path(directory)
     source = f"Hugging Face BLIP checkpoint {d}"
     hf = json.loads((d / "config.json").read_text())
@@ -318,7 +316,7 @@ def load_hf_blip(directory: str | os.PathLike):
         },
         "embed_dim": hf.get("image_text_hidden_size", 256),
     })
-    model = BlipModel(config, tok)
+    model = model_class("pretrain")(config, tok)  # BlipModel, registered by model.py
     _assign(model, state, origin, source)
     logger.info("imported %s (%s)", source, ", ".join(archs) or "BLIP")
     return model
@@ -353,8 +351,6 @@ def _hf_key(key: str) -> str | None:
 def load_official_pth(path: str | os.PathLike):
     """A ``BlipModel`` from an official BLIP checkpoint: pre-trained (model_base/large.pth), captioning
     (model*_caption*.pth, model_base_capfilt_large.pth) or retrieval (model*_retrieval_*.pth)."""
-    from .model import BlipModel
-
     p = Path(path)
     source = f"official BLIP checkpoint {p}"
     ckpt = _torch_load(p)
@@ -391,7 +387,7 @@ def load_official_pth(path: str | os.PathLike):
         config = official_config(state, sharing)
     except KeyError as err:
         raise ValueError(f"{source} is incomplete: it lacks {err.args[0]} (our name)") from None
-    model = BlipModel(config, _tokenizer_for(config.text.vocab_size, source))
+    model = model_class("pretrain")(config, _tokenizer_for(config.text.vocab_size, source))  # BlipModel
     _assign(model, state, origin, source)
     kind = "pre-trained" if enc and dec else "captioning" if dec else "retrieval"
     logger.info("imported %s: %s, ViT %s/%d at %d px, sharing %s", source, kind,

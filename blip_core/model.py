@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_pretrained, save_pretrained
 from .config import BlipConfig
+from .convert import load_bert_into_med
+from .generation import beam_search, nucleus_sample
 from .med import MED
+from .registry import register_model
 from .tokenizer import BlipTokenizer
 from .vision import build_vit
 
@@ -41,8 +45,6 @@ class BlipBase(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "BlipBase":
         """Our checkpoint directory, a Hugging Face BLIP directory, or an official BLIP ``.pth``. A head's class
         (``BlipVQA``, ``BlipNLVR``) also starts from a pre-trained model's checkpoint (``from_blip``)."""
-        from .checkpoint import load_pretrained
-
         model = load_pretrained(path, **kwargs)
         if isinstance(model, cls):
             return model
@@ -52,8 +54,6 @@ class BlipBase(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Writes config.json, model.safetensors and tokenizer.json; returns the checkpoint's content hash."""
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self, directory)
 
     def take_settings(self, other: "BlipBase") -> "BlipBase":
@@ -101,6 +101,7 @@ class BlipBase(nn.Module):
             return self.vision.forward_features(self.check_images(images))
 
 
+@register_model
 class BlipModel(BlipBase):
     """Pre-training, retrieval (ITC + ITM) and captioning: the model CapFilt's captioner and filter are."""
 
@@ -118,8 +119,6 @@ class BlipModel(BlipBase):
 
     def init_text_from_bert(self, directory: str | os.PathLike) -> None:
         """Initialise the text transformer from a Hugging Face BERT directory (config.json + safetensors/bin)."""
-        from .convert import load_bert_into_med
-
         load_bert_into_med(self.text, directory)
 
     # --- encoders -------------------------------------------------------------------------------
@@ -188,8 +187,6 @@ class BlipModel(BlipBase):
         """Captions. Beam search by default; nucleus sampling when ``top_p`` is given (``seeds``: one per image,
         so an image gets the same caption whatever batch it is in). Lengths count tokens as the official code
         does: ``[DEC]`` and the prompt included. With ``num_return_sequences`` > 1 each image gets a list."""
-        from .generation import beam_search, nucleus_sample
-
         if self.tokenizer is None:
             raise RuntimeError("generate needs a tokenizer")
         prompt = self.config.prompt if prompt is None else prompt
@@ -219,8 +216,6 @@ class BlipModel(BlipBase):
 
     def generate_ids(self, images: torch.Tensor, prompt_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Token ids [B * num_return_sequences, T] including the prompt (parity tests, pipelines)."""
-        from .generation import beam_search, nucleus_sample
-
         with torch.no_grad(), self.autocast():
             image_embeds = self.encode_image(images)
             kwargs.setdefault("eos_token_id", self.config.text.sep_token_id)

@@ -19,6 +19,7 @@ from torch import nn
 from .config import BlipConfig, TextConfig
 from .med import Attention, FeedForward, TextEmbeddings, padding_mask
 from .model import BlipBase, BlipModel, init_bert
+from .registry import register_model
 from .tokenizer import BlipTokenizer
 
 
@@ -52,6 +53,7 @@ class NLVRLayer(nn.Module):
         return self.ffn(self.cross_attn(x, kv0, kv1))
 
 
+@register_model
 class BlipNLVR(BlipBase):
     task = "nlvr"
 

@@ -20,9 +20,11 @@ from .generation import beam_search
 from .losses import lm_loss
 from .med import MED
 from .model import BlipBase, BlipModel, init_bert
+from .registry import register_model
 from .tokenizer import BlipTokenizer
 
 
+@register_model
 class BlipVQA(BlipBase):
     task = "vqa"
 

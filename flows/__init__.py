@@ -1,9 +1,5 @@
-"""Prefect flows over the pipeline stages.
+"""Prefect flows over the pipeline stages, and the ``capfilt`` command (``flows.cli``) above them.
 
-Without ``PREFECT_API_URL`` a run starts Prefect's in-process server, whose telemetry service phones Prefect's
-servers by default: an outbound call from a data cluster, and an ERROR line in every run's log where there is no
-internet. It is off unless the user turns it on.
+Importing this package (or any module in it) changes nothing in ``os.environ``: the entry points set Ray's and
+Prefect's environment when they start them (see ``flows.runtime``).
 """
-import os
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

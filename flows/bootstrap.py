@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.runtime import configure_environment  # absolute: Prefect loads this file as a script (entrypoint)
 from pipelines import storage
 from pipelines.config import RunConfig, load_config
 
@@ -33,7 +34,7 @@ def _timed(name: str, fn, *args) -> Any:
 
 @task(name="synth", **RETRY)
 def synth(config: str, overrides: list[str], root: str) -> dict:
-    from pipelines.synthetic import run_synth
+    from pipelines.world import run_synth
 
     return _timed("synth", run_synth, _cfg(config, overrides), root)
 
@@ -89,11 +90,11 @@ def report(config: str, overrides: list[str], root: str, round: int) -> str:
 
 def _finetune_concurrently(cfg: RunConfig) -> bool:
     """Captioner and filter run side by side only when the cluster holds both jobs at once."""
-    import ray
-
     from pipelines.ray_runtime import ensure_ray
 
-    ensure_ray()
+    ensure_ray()  # sets Ray's environment, then imports and starts Ray
+    import ray
+
     have = ray.cluster_resources()
     jobs = (cfg.train.captioner, cfg.train.filter)
     gpus = sum(j.workers for j in jobs if j.use_gpu)
@@ -104,6 +105,7 @@ def _finetune_concurrently(cfg: RunConfig) -> bool:
 @flow(name="capfilt", log_prints=True)
 def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
     """Bootstrap a cleaner dataset from noisy web data (BLIP's CapFilt), round after round."""
+    configure_environment()  # a deployment's worker runs this flow without ``capfilt``'s main: before any Ray work
     overrides = list(overrides or [])
     cfg = _cfg(config, overrides)  # fails fast, before any cluster work, on a bad config
     storage.check_root_writable(root)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.runtime import configure_prefect_environment
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "infra" / "prefect" / "prefect.yaml"
 
@@ -39,6 +41,7 @@ async def _ensure_pool(name: str) -> None:
 
 
 def deploy(pool: str | None = None) -> str:
+    configure_prefect_environment()  # before Prefect starts (an in-process server when PREFECT_API_URL is unset)
     from prefect import flow
 
     spec = deployment_spec()

@@ -1,4 +1,5 @@
-"""capfilt's stages: plain functions over a typed config and fsspec URLs, using Ray for distributed work."""
-from .ray_runtime import configure_environment as _configure_ray_environment
+"""capfilt's stages: plain functions over a typed config and fsspec URLs, using Ray for distributed work.
 
-_configure_ray_environment()
+Importing this package changes nothing in ``os.environ``: Ray's environment is set where Ray starts
+(``pipelines.ray_runtime.ensure_ray``, and the entry points in ``flows``).
+"""

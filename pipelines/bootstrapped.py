@@ -44,12 +44,11 @@ from urllib.parse import urlsplit
 
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from fsspec.core import url_to_fs
 
 from . import storage
 from .karpathy import KarpathySource
 from .shards import NotCommittedError, iter_shard, list_shards, shard_name
-from .sources import RawSample, Source, Unit, source_name
+from .sources import RawSample, Source, StreamUnit, source_name
 from .stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def read_manifest(url: str) -> DatasetManifest:
 
 def parquet_files(url: str, **storage_options: Any) -> tuple[Any, list[str]]:
     """A Parquet file or directory -> (fsspec filesystem, sorted ``*.parquet`` paths)."""
-    fs, path = url_to_fs(url, **storage_options)
+    fs, path = storage.filesystem(url, **storage_options)
     if fs.isdir(path):
         files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
     elif fs.exists(path):
@@ -172,7 +171,7 @@ class BootstrappedSource(Source):
         self.storage_options = storage_options or {}
         self.image_source = source_name(storage.join(shards_url, "x.tar"))
 
-    def units(self, with_sizes: bool = False) -> list[Unit]:
+    def units(self, with_sizes: bool = False) -> list[StreamUnit]:
         # One pass over the ``shard`` column of the kept rows, a file at a time: counts and file lists per shard.
         fs, files = parquet_files(self.capfilt_url, **self.storage_options)
         counts: Counter = Counter()
@@ -192,14 +191,14 @@ class BootstrappedSource(Source):
             log.warning("%d kept rows name shards missing from %s (%s...); they are skipped",
                         sum(counts[s] for s in orphans), self.shards_url, orphans[:5])
         return [
-            Unit(f"{self.image_source}/{name}", (available[name], tuple(sorted(stored[name])), tuple(sorted(where[name]))),
-                 counts[name])
+            StreamUnit(f"{self.image_source}/{name}",
+                       (available[name], tuple(sorted(stored[name])), tuple(sorted(where[name]))), counts[name])
             for name in sorted(counts) if name in available
         ]
 
-    def read(self, unit: Unit) -> Iterator[RawSample]:
+    def read(self, unit: StreamUnit) -> Iterator[RawSample]:
         shard_url, stored_values, files = unit.ref
-        fs, _ = url_to_fs(self.capfilt_url, **self.storage_options)
+        fs, _ = storage.filesystem(self.capfilt_url, **self.storage_options)
         table = pads.dataset(list(files), filesystem=fs, format="parquet").to_table(
             columns=["key", "text", "source"], filter=KEPT & pc.field("shard").isin(list(stored_values)))
         texts: dict[str, list[tuple[str, str]]] = defaultdict(list)

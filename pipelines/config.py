@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import fsspec
 import yaml
-from blip_core.config import explain_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import storage
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-NOISE_TYPES = ("unrelated", "wrong_attribute", "other_caption", "partial")
+def noise_types() -> tuple[str, ...]:
+    """The registered noise types (``pipelines/world/noise.py``), in registration order. Imported when a config is
+    validated, not when this module is: the world's modules import this one."""
+    from .world.noise import NOISE_TYPES
+
+    return NOISE_TYPES
 
 
 class WorldConfig(_Section):
@@ -29,15 +34,15 @@ class WorldConfig(_Section):
     n_test: int | None = Field(None, ge=1, description="held-out test images; default by size")
     captions_per_human_image: int = Field(3, ge=1)
     noise_rate: float = Field(0.4, ge=0.0, le=1.0)
-    noise_mix: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in NOISE_TYPES})
+    noise_mix: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in noise_types()})
     image_size: int = Field(64, ge=64, le=96)
 
     @field_validator("noise_mix")
     @classmethod
     def _check_mix(cls, mix: dict[str, float]) -> dict[str, float]:
-        unknown = set(mix) - set(NOISE_TYPES)
+        unknown = set(mix) - set(noise_types())
         if unknown:
-            raise ValueError(f"unknown noise types {sorted(unknown)}; choose from {list(NOISE_TYPES)}")
+            raise ValueError(f"unknown noise types {sorted(unknown)}; choose from {list(noise_types())}")
         if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError("noise_mix weights must be >= 0 and not all zero")
         return mix
@@ -195,7 +200,7 @@ class ActorPool(_Section):
     """One Ray Data actor pool (a model stage of ``capfilt caption-filter``).
 
     ``batch_size`` is the number of images Ray hands an actor per call; the model itself always runs on fixed
-    shapes of ``capfilt.model_batch_size`` images (see ``pipelines/capfilt.py``), so neither this nor ``actors``
+    shapes of ``capfilt.model_batch_size`` images (see ``pipelines/capfilt/actors.py``), so neither this nor ``actors``
     changes a caption or a score.
     """
 
@@ -206,20 +211,17 @@ class ActorPool(_Section):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; null: max(1, num_cpus)")
 
 
-class ClipScoreConfig(_Section):
-    """The optional LAION-style CLIP score column, from any open_clip architecture and a local checkpoint."""
+class ScorerConfig(BaseModel):
+    """An extra scorer of ``capfilt caption-filter`` (``capfilt.scorers.<name>``, by registered name: ``clip``, or
+    one of ``capfilt.plugins``). Keys other than these are the scorer's own options (e.g. CLIP's ``model``,
+    ``checkpoint``, ``model_config_file``), checked by the scorer."""
 
-    enabled: bool = False
-    model: str = Field("ViT-B-32", description="open_clip architecture name")
-    checkpoint: str | None = Field(None, description="weights file (.safetensors/.bin/.pt, any fsspec URL); required")
-    model_config_file: str | None = Field(None, description="JSON config of a custom architecture named `model`")
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = Field(True, description="false: leave the scorer out without removing its section")
+    keep_above: float | None = Field(None, description="keep a text only if the scorer's first column exceeds it")
+    keep_below: float | None = Field(None, description="keep a text only if the scorer's first column is below it")
     pool: ActorPool = ActorPool()
-
-    @model_validator(mode="after")
-    def _check_clip(self) -> "ClipScoreConfig":
-        if self.enabled and not self.checkpoint:
-            raise ValueError("checkpoint is required when the CLIP score is enabled (nothing is downloaded)")
-        return self
 
 
 class CapfiltConfig(_Section):
@@ -253,7 +255,9 @@ class CapfiltConfig(_Section):
     decode_concurrency: int | None = Field(None, ge=1, description="max concurrent decode tasks; null: Ray's choice")
     shards_per_unit: int = Field(1, ge=1, description="shards per commit unit (one Parquet file each)")
     row_group_size: int = Field(32768, ge=1024, description="rows per Parquet row group")
-    clip: ClipScoreConfig = ClipScoreConfig()
+    captioner_kind: str = Field("blip", description="registered captioner (pipelines/capfilt/models.py)")
+    scorers: dict[str, ScorerConfig] = Field(default_factory=dict, description="extra scorers by registered name")
+    plugins: list[str] = Field(default_factory=list, description="modules that register captioners/scorers")
 
     @model_validator(mode="after")
     def _check_capfilt(self) -> "CapfiltConfig":
@@ -312,7 +316,7 @@ class ConfigError(ValueError):
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config from any fsspec URL, apply ``a.b=value`` overrides, validate."""
     try:
-        with fsspec.open(path, "r") as f:
+        with storage.open_url(path, "r") as f:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
@@ -329,6 +333,10 @@ def validate_config(data: dict, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
+        # Here, not at the top: ``blip_core`` brings torch and torchvision, whose import sets
+        # TORCHINDUCTOR_CACHE_DIR; reading a config (``capfilt --help``, the flow's module) needs neither.
+        from blip_core.config import explain_validation_error
+
         raise ConfigError(f"invalid config {source}: {explain_validation_error(err)}") from None
 
 

@@ -27,13 +27,13 @@ from .bootstrapped import (BootstrappedSource, DatasetManifest, bootstrapped_sou
                            read_manifest, write_manifest)
 from .karpathy import KarpathyDataset, KarpathyEntry, KarpathyPairs, KarpathySource, read_karpathy
 from .shards import NotCommittedError, iter_shard, list_shards, read_shards_ray, shard_name, shard_size
-from .sources import RawSample, Sample, ShardSource, Source, Unit
+from .sources import RawSample, Sample, ShardSource, Source, StreamUnit
 from .stream import ShardStream, assign_units, derive_seed
 
 __all__ = [
     "BootstrappedSource", "CorruptImageError", "DatasetManifest", "KarpathyDataset", "KarpathyEntry",
     "KarpathyPairs", "KarpathySource", "NotCommittedError", "RawSample", "Sample", "ShardSource", "ShardStream",
-    "Source", "Unit", "assign_units", "bootstrapped_sources", "bootstrapped_stream", "decode_image",
+    "Source", "StreamUnit", "assign_units", "bootstrapped_sources", "bootstrapped_stream", "decode_image",
     "eval_transform", "iter_shard", "list_shards", "read_karpathy", "read_manifest", "read_shards_ray",
     "shard_name", "shard_size", "train_transform", "write_manifest",
 ]

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +25,7 @@ from blip_core import BlipModel, BlipNLVR, BlipVQA
 from blip_core.transforms import decode_image, eval_transform, train_transform
 from blip_core.video import encode_video, load_clip
 
+from . import storage
 from .errors import StageError
 from .evaluate import rank_two_stage
 from .karpathy import join_url
@@ -40,7 +40,7 @@ class DownstreamError(StageError):
 
 def read_annotations(url: str, required: tuple[str, ...]) -> list[dict]:
     try:
-        with fsspec.open(url, "r") as f:
+        with storage.open_url(url, "r") as f:
             rows = json.load(f)
     except FileNotFoundError:
         raise DownstreamError(f"no annotation file at {url}") from None
@@ -58,7 +58,7 @@ def read_annotations(url: str, required: tuple[str, ...]) -> list[dict]:
 def _load_image(root: str, rel: str, transform) -> torch.Tensor:
     url = join_url(root, rel)
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_url(url, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise DownstreamError(f"missing image {url}") from None
@@ -173,7 +173,7 @@ def eval_vqa(model: str, test: str, images: str, *, answer_list: str | None = No
         predicted += vqa.answer(torch.stack(imgs), questions, answer_list=candidates, k=k)
     results = [{"question_id": r.get("question_id", i), "answer": a} for i, (r, a) in enumerate(zip(rows, predicted))]
     if out:
-        with fsspec.open(out, "w") as f:
+        with storage.open_url(out, "w") as f:
             json.dump(results, f)
     metrics: dict[str, Any] = {"questions": len(rows), "method": "rank" if candidates else "generate"}
     scored = [(p, r["answer"] if isinstance(r["answer"], list) else [r["answer"]]) for p, r in zip(predicted, rows)

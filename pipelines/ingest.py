@@ -71,7 +71,6 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Iterator
 
-import fsspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
@@ -125,7 +124,7 @@ def _quiet_environment() -> None:
 # Input
 
 
-def read_url_file(fs: fsspec.AbstractFileSystem, path: str, ic: IngestConfig) -> pa.Table:
+def read_url_file(fs: storage.FileSystem, path: str, ic: IngestConfig) -> pa.Table:
     """One input file -> a table of ``url`` and (when configured) ``caption``, both exact strings."""
     cols = [ic.url_col] + ([ic.caption_col] if ic.caption_col and ic.input_format != "txt" else [])
     fmt = ic.input_format
@@ -170,7 +169,7 @@ def read_url_file(fs: fsspec.AbstractFileSystem, path: str, ic: IngestConfig) ->
 
 
 def prepare_url_list(ic: IngestConfig, tmp: str) -> PreparedInput:
-    fs, path = fsspec.core.url_to_fs(ic.url_list)
+    fs, path = storage.filesystem(ic.url_list)
     if fs.isdir(path):
         files = sorted(fs.glob(path.rstrip("/") + f"/*.{ic.input_format}"))
         if not files:
@@ -190,10 +189,10 @@ def prepare_url_list(ic: IngestConfig, tmp: str) -> PreparedInput:
 
 
 def _prepare_world_list(root: str, base_url: str, tmp: str) -> PreparedInput:
-    from .synthetic import resolve_urls, world_files
+    from .world import resolve_urls, world_files
 
     world = storage.RunRoot(root).world()
-    with fsspec.open(world_files(world)["web"], "rb") as f:
+    with storage.open_url(world_files(world)["web"], "rb") as f:
         table = pq.read_table(f)
     urls = resolve_urls(table["url"].to_pylist(), base_url)
     out = pa.table({"url": pa.array(urls, pa.string()), "caption": table["caption"].cast(pa.string())})
@@ -332,7 +331,7 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capfilt-ingest-"))
         if ic.url_list is None:
-            from .synthetic import serve_world
+            from .world import serve_world
 
             world = storage.RunRoot(root).world()
             if not storage.is_committed(world):

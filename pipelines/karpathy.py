@@ -18,12 +18,12 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import fsspec
 from torch.utils.data import Dataset
 
 from blip_core.transforms import decode_image
 
-from .sources import RawSample, Source, Unit
+from . import storage
+from .sources import RawSample, Source, StreamUnit
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def join_url(root: str, rel: str) -> str:
 
 def read_karpathy(ann_url: str, **storage_options: Any) -> list[KarpathyEntry]:
     """Parse and validate an annotation file; errors name the file and the bad entry."""
-    with fsspec.open(ann_url, "r", encoding="utf-8", **storage_options) as f:
+    with storage.open_url(ann_url, "r", encoding="utf-8", **storage_options) as f:
         try:
             data = json.load(f)
         except ValueError as err:
@@ -83,7 +83,7 @@ class KarpathyDataset(Dataset):
     def load_image(self, entry: KarpathyEntry) -> Any:
         """Read and decode one image; a corrupt one raises CorruptImageError naming its URL."""
         url = join_url(self.image_root, entry.image)
-        with fsspec.open(url, "rb", **self.storage_options) as f:
+        with storage.open_url(url, "rb", **self.storage_options) as f:
             data = f.read()
         try:
             img = decode_image(data)
@@ -133,15 +133,15 @@ class KarpathySource(Source):
         self.storage_options = storage_options or {}
         self.entries = entries if entries is not None else read_karpathy(ann_url, **self.storage_options)
 
-    def units(self, with_sizes: bool = False) -> list[Unit]:
+    def units(self, with_sizes: bool = False) -> list[StreamUnit]:
         n, k = len(self.entries), self.images_per_unit
         return [
-            Unit(f"{self.source}/{start:08d}", (start, min(start + k, n)),
+            StreamUnit(f"{self.source}/{start:08d}", (start, min(start + k, n)),
                  sum(len(e.captions) for e in self.entries[start:start + k]))
             for start in range(0, n, k)
         ]
 
-    def read(self, unit: Unit) -> Iterator[RawSample]:
+    def read(self, unit: StreamUnit) -> Iterator[RawSample]:
         start, stop = unit.ref
         for e in self.entries[start:stop]:
             url = join_url(self.image_root, e.image)

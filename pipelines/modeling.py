@@ -7,15 +7,13 @@ The tokenizer (``model.tokenizer``):
   - a directory or URL holding ``tokenizer.json`` or a BERT ``vocab.txt``.
 A fine-tune or a continued pre-training takes the tokenizer its starting checkpoint carries.
 
-``blip_core`` reads and writes local directories only; ``local_copy`` and ``save_model`` carry checkpoints
+``blip_core`` reads and writes local directories only; ``storage.local_copy`` and ``save_model`` carry checkpoints
 to and from any fsspec URL (``s3://...``) around it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import posixpath
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -33,62 +31,22 @@ log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 
 
-# ------------------------------------------------------------------------------------------ fsspec plumbing
-def is_local(url: str) -> bool:
-    fs, _ = storage.filesystem(url)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-@contextlib.contextmanager
-def local_copy(url: str) -> Iterator[str]:
-    """A local path with the contents of ``url`` (a file or a directory): the URL itself when it is local,
-    else a temporary download, removed afterwards."""
-    if is_local(url):
-        yield storage.filesystem(url)[1]
-        return
-    fs, path = storage.filesystem(url)
-    with tempfile.TemporaryDirectory(prefix="capfilt-ckpt-") as tmp:
-        if fs.isdir(path):
-            for remote in fs.find(path):
-                local = os.path.join(tmp, posixpath.relpath(remote, path))
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                fs.get_file(remote, local)
-            yield tmp
-        else:
-            local = os.path.join(tmp, posixpath.basename(path))
-            fs.get_file(path, local)
-            yield local
-
-
-def upload_dir(local_dir: str, url: str) -> None:
-    """Copy a local directory's files to ``url`` (a directory on any filesystem), overwriting."""
-    fs, path = storage.filesystem(url)
-    fs.makedirs(path, exist_ok=True)
-    for base, _, files in os.walk(local_dir):
-        for name in files:
-            local = os.path.join(base, name)
-            remote = posixpath.join(path, os.path.relpath(local, local_dir).replace(os.sep, "/"))
-            fs.makedirs(posixpath.dirname(remote), exist_ok=True)
-            fs.put_file(local, remote)
-
-
 def save_model(model: BlipModel, url: str) -> str:
     """``save_pretrained`` to any URL; returns the checkpoint's content hash."""
-    if is_local(url):
+    if storage.is_local(url):
         return model.save_pretrained(storage.filesystem(url)[1])
     with tempfile.TemporaryDirectory(prefix="capfilt-save-") as tmp:
         ident = model.save_pretrained(os.path.join(tmp, "model"))
         fs, path = storage.filesystem(url)
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        upload_dir(os.path.join(tmp, "model"), url)
+        storage.upload_dir(os.path.join(tmp, "model"), url)
     return ident
 
 
 def load_model(url: str, **kwargs: Any) -> BlipModel:
     """``BlipModel.from_pretrained`` from any URL (our directory, a Hugging Face BLIP directory, a BLIP .pth)."""
-    with local_copy(url) as path:
+    with storage.local_copy(url) as path:
         return BlipModel.from_pretrained(path, **kwargs)
 
 
@@ -145,7 +103,7 @@ def ensure_tokenizer(cfg: RunConfig, root: str) -> str:
     tok = BlipTokenizer.train(texts, vocab_size=cfg.model.tokenizer_vocab_size)
     with tempfile.TemporaryDirectory(prefix="capfilt-tok-") as tmp:
         tok.save_pretrained(tmp)
-        upload_dir(tmp, url)
+        storage.upload_dir(tmp, url)
     storage.commit(url, {"vocab_size": tok.vocab_size, "captions": len(texts)})
     log.info("trained a %d-token WordPiece vocabulary on %d captions into %s", tok.vocab_size, len(texts), url)
     return url
@@ -156,7 +114,7 @@ def load_tokenizer(spec: str) -> BlipTokenizer:
         return BlipTokenizer.bert_base_uncased()
     if spec == "train":
         raise ValueError("resolve model.tokenizer 'train' with ensure_tokenizer(cfg, root) first")
-    with local_copy(spec) as path:
+    with storage.local_copy(spec) as path:
         return BlipTokenizer.from_pretrained(path)
 
 
@@ -189,7 +147,7 @@ def build_model(section: ModelSection, job: TrainJob, init: str, tokenizer_spec:
         if bert_dir:
             from blip_core.convert import text_config_from_bert
 
-            with local_copy(bert_dir) as path:
+            with storage.local_copy(bert_dir) as path:
                 model = BlipModel(model_config(section, tok, job, text_config_from_bert(path)), tok)
                 model.init_text_from_bert(path)
         else:

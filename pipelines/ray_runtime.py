@@ -4,7 +4,9 @@ Reaching a real cluster is an explicit setting (``RAY_ADDRESS``, with ``RAY_AUTH
 that cluster needs); without it a new local cluster starts (``address="local"``, so a stale
 ``ray_current_cluster`` file never makes us join somebody else's). The auth mode is always explicit: Ray turns
 token auth on by itself when ``~/.ray/auth_token`` exists, head and driver must agree, and Ray reads these
-variables once, when it is first imported — so ``configure_environment`` runs when ``pipelines`` is imported.
+variables once, when it is first imported. So ``configure_environment`` must run before the process's first
+``import ray``: ``ensure_ray`` calls it, as do the entry points (``flows.cli.main``, the flow ``capfilt``) and every
+other function here that imports Ray; importing ``pipelines`` sets nothing.
 """
 from __future__ import annotations
 

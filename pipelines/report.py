@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Iterable
@@ -433,28 +432,20 @@ def render_report(cfg: RunConfig, root: str, round: int, samples: int = 24) -> s
     title = f"CapFilt report: {cfg.name}, round {round}"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<style>{CSS}</style></head><body><h1>{escape(title)}</h1><p class="note">Run root '
-            f'<code>{escape(root)}</code>; keep rule: ITM P(match) &gt; {cfg.capfilt.itm_threshold}.</p>'
+            f'<code>{escape(root)}</code>; keep rule: {escape(_keep_rule(capfilt_url, committed))}.</p>'
             f'{"".join(sections)}</body></html>')
 
 
-def _write_text(url: str, text: str) -> None:
-    """Local disk: a temporary file renamed into place. Object stores: one PUT, visible once complete."""
-    fs, path = storage.filesystem(url)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if "file" not in protocols and "local" not in protocols:
-        with fs.open(path, "w") as f:
-            f.write(text)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _keep_rule(capfilt_url: str, committed: bool) -> str:
+    """The rule the CapFilt stage applied, as it recorded it (``pipelines/capfilt/rows.py``)."""
+    if not committed:
+        return "unknown until the CapFilt stage commits"
+    return storage.read_commit(capfilt_url).get("settings", {}).get("keep_rule", "not recorded")
 
 
 def run_report(cfg: RunConfig, root: str, round: int, *, samples: int = 24) -> str:
     """Write ``<root>/round=K/eval/report.html`` and return its URL."""
     url = storage.join(storage.RunRoot(root).round(round, "eval"), REPORT_NAME)
-    _write_text(url, render_report(cfg, root, round, samples))
+    storage.publish_text(url, render_report(cfg, root, round, samples))
     log.info("report for round %d written to %s", round, url)
     return url

@@ -19,8 +19,6 @@ import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import fsspec
-from fsspec.core import url_to_fs
 
 from . import storage
 
@@ -58,7 +56,7 @@ def list_shards(url: str, *, allow_uncommitted: bool = False, **storage_options:
     Raises NotCommittedError while the ingest stage has not committed the directory, because a shard that
     is still being written would be read half; ``allow_uncommitted`` is for tests and for salvaging data.
     """
-    fs, path = url_to_fs(url, **storage_options)
+    fs, path = storage.filesystem(url, **storage_options)
     if not fs.isdir(path):
         raise FileNotFoundError(f"no shard directory at {url}")
     if not allow_uncommitted and not fs.exists(storage.join(path, storage.MARKER)):
@@ -76,7 +74,7 @@ def _beside(tar_path: str, suffix: str) -> str:
 def shard_size(shard_url: str, **storage_options: Any) -> int:
     """Number of successful samples in a shard: from img2dataset's ``_stats.json`` when present (cheap on
     object stores), else by scanning the tar's member names."""
-    fs, path = url_to_fs(shard_url, **storage_options)
+    fs, path = storage.filesystem(shard_url, **storage_options)
     stats = _beside(path, "_stats.json")
     if fs.exists(stats):
         with fs.open(stats, "r") as f:
@@ -117,7 +115,7 @@ def iter_shard(shard_url: str, keys: set[str] | None = None, **storage_options: 
                 meta = {}
         return ShardSample(key=current_key, image=image, text=text, meta=meta)
 
-    with fsspec.open(shard_url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with storage.open_url(shard_url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -162,7 +160,7 @@ def sort_shard(shard_url: str, **storage_options: Any) -> bool:
     the old shard whole; each member keeps its header (name, mode, mtime), each sample its members' order.
     Next to it, ``NNNNN.parquet`` (img2dataset's per-URL rows, failures included) gets the same order.
     """
-    fs, path = url_to_fs(shard_url, **storage_options)
+    fs, path = storage.filesystem(shard_url, **storage_options)
     samples: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
     order: list[str] = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -236,12 +234,16 @@ def read_shards_ray(shard_urls: Sequence[str], *, storage_options: dict | None =
     other stage, wrapped for pyarrow.
     """
     import pyarrow.fs as pafs
+
+    from .ray_runtime import configure_environment
+
+    configure_environment()  # before the first ``import ray``: ray.data starts a local Ray when none runs
     import ray.data
 
     if not shard_urls:
         raise ValueError("read_shards_ray: no shards given")
-    fs, _ = url_to_fs(shard_urls[0], **(storage_options or {}))
-    paths = [url_to_fs(u, **(storage_options or {}))[1] for u in shard_urls]
+    fs, _ = storage.filesystem(shard_urls[0], **(storage_options or {}))
+    paths = [storage.filesystem(u, **(storage_options or {}))[1] for u in shard_urls]
     local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
     filesystem = None if local else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     ds = ray.data.read_webdataset(

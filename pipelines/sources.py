@@ -1,7 +1,7 @@
 """What the training stream reads: units of work, the samples they hold, and the sources that list and read them.
 
-A *unit* is the smallest piece of work a stream slot takes (a shard, a slice of a Karpathy file, a shard of a
-round's bootstrapped dataset); a *source* lists its units and reads one, front to back, as RawSamples
+A *unit* (``StreamUnit``) is the smallest piece of work a stream slot takes (a shard, a slice of a Karpathy file,
+a shard of a round's bootstrapped dataset); a *source* lists its units and reads one, front to back, as RawSamples
 (image still encoded or named by URL). ``ShardStream`` (pipelines/stream.py) decides who reads which unit.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Sequence
 
-import fsspec
 
+from . import storage
 from .shards import iter_shard, shard_name, shard_size
 
 
@@ -43,8 +43,9 @@ class RawSample:
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One unit of streaming work. ``ref`` is whatever its source needs to read it (picklable)."""
+class StreamUnit:
+    """One unit of the training stream's work (not CapFilt's commit unit, ``pipelines.capfilt.Unit``). ``ref`` is
+    whatever its source needs to read it (picklable)."""
 
     name: str
     ref: Any
@@ -55,16 +56,16 @@ class Source(abc.ABC):
     """A set of units and how to read one. Subclasses: ShardSource, KarpathySource, BootstrappedSource."""
 
     @abc.abstractmethod
-    def units(self, with_sizes: bool = False) -> list[Unit]: ...
+    def units(self, with_sizes: bool = False) -> list[StreamUnit]: ...
 
     @abc.abstractmethod
-    def read(self, unit: Unit) -> Iterator[RawSample]: ...
+    def read(self, unit: StreamUnit) -> Iterator[RawSample]: ...
 
     storage_options: dict = {}  # fsspec options for this source's files; subclasses set their own
 
     def fetch(self, url: str) -> bytes:
         """Bytes of an image that a RawSample names by URL (read after the shuffle buffer)."""
-        with fsspec.open(url, "rb", **self.storage_options) as f:
+        with storage.open_url(url, "rb", **self.storage_options) as f:
             return f.read()
 
 
@@ -77,13 +78,14 @@ class ShardSource(Source):
         self.source = source or (source_name(self.shard_urls[0]) if self.shard_urls else "web")
         self.storage_options = storage_options or {}
 
-    def units(self, with_sizes: bool = False) -> list[Unit]:
+    def units(self, with_sizes: bool = False) -> list[StreamUnit]:
         return [
-            Unit(f"{self.source}/{shard_name(u)}", u, shard_size(u, **self.storage_options) if with_sizes else None)
+            StreamUnit(f"{self.source}/{shard_name(u)}", u,
+                       shard_size(u, **self.storage_options) if with_sizes else None)
             for u in self.shard_urls
         ]
 
-    def read(self, unit: Unit) -> Iterator[RawSample]:
+    def read(self, unit: StreamUnit) -> Iterator[RawSample]:
         for s in iter_shard(unit.ref, **self.storage_options):
             yield RawSample(key=s.key, image_id=f"{self.source}:{s.key}", text=s.text, source=self.source, image=s.image)
 

@@ -51,7 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from blip_core.transforms import CorruptImageError, decode_image
 
-from .sources import RawSample, Sample, ShardSource, Source, Unit
+from .sources import RawSample, Sample, ShardSource, Source, StreamUnit
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.balance = balance
         # Listing (and, for padding, sizing) happens once here, not in every worker.
-        self.units: list[tuple[int, Unit]] = [
+        self.units: list[tuple[int, StreamUnit]] = [
             (i, u) for i, s in enumerate(sources) for u in s.units(with_sizes=balance == "pad")
         ]
         self._shared = torch.zeros(1 + MAX_WORKERS * len(COUNTERS), dtype=torch.int64).share_memory_()
@@ -185,7 +185,7 @@ class ShardStream(IterableDataset):
         self._shared[1 + (worker % MAX_WORKERS) * len(COUNTERS) + COUNTERS.index(name)] += n
 
     # ----------------------------------------------------------------------------------------- planning
-    def plan(self, num_workers: int = 1, epoch: int | None = None) -> list[list[tuple[int, Unit]]]:
+    def plan(self, num_workers: int = 1, epoch: int | None = None) -> list[list[tuple[int, StreamUnit]]]:
         """Units per slot for an epoch (slot = worker_id * world_size + rank), as every process computes it."""
         epoch = self.epoch if epoch is None else epoch
         slots = assign_units(len(self.units), epoch=epoch, seed=self.seed, world_size=self.world_size,
@@ -258,7 +258,8 @@ class ShardStream(IterableDataset):
             pass_no += 1
         self._log_epoch(epoch, worker_id, slot, len(mine), before, time.perf_counter() - started)
 
-    def _raw(self, units: list[tuple[int, Unit]], worker_id: int, count: bool = True) -> Iterator[tuple[int, RawSample]]:
+    def _raw(self, units: list[tuple[int, StreamUnit]], worker_id: int,
+             count: bool = True) -> Iterator[tuple[int, RawSample]]:
         for source_index, unit in units:
             try:
                 for raw in self.sources[source_index].read(unit):

@@ -23,6 +23,12 @@ from typing import Iterator
 
 import pytest
 
+from pipelines.ray_runtime import configure_environment
+
+# Ray reads its settings (token auth, loopback only) once, when first imported; importing ``pipelines`` no longer
+# sets them, so they are set here, before any test module imports ray. Values the environment already has win.
+configure_environment()
+
 BUCKET = "capfilt-test"
 
 

@@ -1,9 +1,10 @@
 """Integration fixtures shared by the Ray stages' tests: one local Ray per session, one tiny world per session.
 
 ``ray_session`` starts Ray through ``pipelines.ray_runtime.ensure_ray`` (loopback only, the per-run auth token
-that ``import pipelines`` sets up before ``import ray``), with 2 CPUs and the dashboard (Ray Train's controller
-watches itself through the state API the dashboard serves), and shuts it down at the end of the session. A test
-module that started its own Ray and shut it down is fine: the fixture starts one again when asked.
+that ``configure_environment`` sets up in tests/conftest.py before anything imports ray), with 2 CPUs and the
+dashboard (Ray Train's controller watches itself through the state API the dashboard serves), and shuts it down
+at the end of the session. A test module that started its own Ray and shut it down is fine: the fixture starts
+one again when asked.
 
 ``tiny_world`` is a run root with the tiny config's world generated and ingested by the real ``capfilt synth``
 and ``capfilt ingest`` commands (about 20 s, once per session). Tests must treat it as read-only: a test that
@@ -14,8 +15,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
-
-import pipelines  # noqa: F401  - sets Ray's environment before anything imports ray
 
 from integration_helpers import TINY, capfilt
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,8 +24,9 @@ from pipelines.capfilt import OUTPUT_SCHEMA, STATUSES, image_seed, run_caption_f
 from pipelines.config import load_config
 from pipelines.shards import iter_shard, list_shards, shard_name
 
-from capfilt_helpers import (kill_group, link_inputs, link_models, processes_with_env, start_capfilt,
-                             tiny_clip_checkpoint, train_models, wait_for)
+from benchmarks._common import link_models, train_models
+from capfilt_helpers import (kill_group, link_inputs, processes_with_env, start_capfilt, tiny_clip_checkpoint,
+                             wait_for)
 from integration_helpers import CAPFILT, REPO, TINY
 
 pytestmark = pytest.mark.integration
@@ -33,9 +35,9 @@ K = 2
 ROUND = 1
 README = REPO / "README.md"
 # Three pools of 2 actors (0.3 CPU each) and a decode task (0.2) fit in the session's 2 CPUs.
-POOLS_1x8 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool", "clip.pool")
+POOLS_1x8 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool")
              for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]
-POOLS_2x3 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool", "clip.pool")
+POOLS_2x3 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool")
              for k in ("actors=2", "batch_size=3", "num_cpus=0.3")]
 
 
@@ -46,8 +48,9 @@ def settings(clip: tuple[Path, Path] | None = None) -> list[str]:
            "capfilt.model_batch_size=8", "capfilt.decode_num_cpus=0.2"]
     if clip is not None:
         config_file, weights = clip
-        out += ["capfilt.clip.enabled=true", "capfilt.clip.model=capfilt-tiny-clip",
-                f"capfilt.clip.checkpoint={weights}", f"capfilt.clip.model_config_file={config_file}"]
+        out += ["capfilt.scorers.clip.model=capfilt-tiny-clip", f"capfilt.scorers.clip.checkpoint={weights}",
+                f"capfilt.scorers.clip.model_config_file={config_file}"]
+        out += [f"capfilt.scorers.clip.pool.{k}" for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]
     return out
 
 
@@ -358,6 +361,80 @@ def test_bad_images_and_texts_get_a_status_and_never_cost_their_neighbours(refer
     assert summary["by_status"]["empty_text"] == 2 and summary["by_status"]["text_too_long"] == 1
 
 
+# --------------------------------------------------------------------------------- the extension seams
+PLUGIN = ["capfilt.plugins=[toy_plugins]"]
+
+
+def test_a_scorer_registered_by_a_plugin_adds_its_column_and_its_rule(reference, tiny_world, models, tmp_path):
+    """toy_plugins' brightness scorer, named only in the config: its column comes last in the Parquet, its values
+    are each image's mean colour, and its keep_above drops exactly the texts of darker images."""
+    from blip_core.transforms import decode_image
+    from pipelines.capfilt.pixels import pil_transform
+    from toy_plugins import PIXELS
+
+    threshold = 0.6
+    root = new_root(tiny_world, models, tmp_path, "brightness")
+    cfg = load_config(TINY, settings() + POOLS_1x8 + PLUGIN + [
+        f"capfilt.scorers.brightness.keep_above={threshold}",
+        *[f"capfilt.scorers.brightness.pool.{k}" for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]])
+    summary = run_caption_filter(cfg, root, ROUND)
+    got = read_output(root)
+    assert got.column_names == OUTPUT_SCHEMA.names + ["brightness"]
+    assert "brightness > 0.6" in summary["settings"]["keep_rule"]
+    ref = without_clip(reference["table"])
+    assert got.drop_columns(["brightness", "keep", "drop_reason"]).equals(ref.drop_columns(["keep", "drop_reason"]))
+
+    resize = pil_transform(PIXELS)
+    images = {s.key: s.image for u in list_shards(storage.RunRoot(tiny_world).ingest("web")) for s in iter_shard(u)}
+    dark = bright = 0
+    for r, want in zip(got.to_pylist(), ref.to_pylist()):
+        if r["status"] != "ok":
+            assert r["brightness"] is None and r["drop_reason"] == want["drop_reason"]
+            continue
+        expected = float(np.asarray(resize(decode_image(images[r["key"]])), dtype=np.float64).mean() / 255)
+        assert abs(r["brightness"] - expected) < 1e-5
+        if r["brightness"] > threshold:
+            bright += 1
+            assert (r["keep"], r["drop_reason"]) == (want["keep"], want["drop_reason"])
+        else:
+            dark += 1
+            assert not r["keep"]
+            assert r["drop_reason"] == (want["drop_reason"] if want["drop_reason"] == "itm_below_threshold"
+                                        else "brightness_rule")
+    assert dark > 30 and bright > 30, (dark, bright)  # the rule cut the set, not all or nothing
+
+
+def test_a_captioner_registered_by_a_plugin_writes_the_synthetic_texts(reference, tiny_world, models, tmp_path):
+    """toy_plugins' colour captioner replaces BLIP's by config alone; the filter scores its captions."""
+    from blip_core.transforms import decode_image
+    from pipelines.capfilt.pixels import pil_transform
+    from toy_plugins import PIXELS, dominant_colour
+
+    root = new_root(tiny_world, models, tmp_path, "colour")
+    cfg = load_config(TINY, settings() + POOLS_1x8 + PLUGIN + ["capfilt.captioner_kind=toy_colour"])
+    summary = run_caption_filter(cfg, root, ROUND)
+    got = read_output(root)
+    assert summary["settings"]["captioner_kind"] == "toy_colour"
+    assert set(got["captioner_id"].to_pylist()) == {"toy-colour-v1"}
+    ref = without_clip(reference["table"])
+    web = pc.equal(got["source"], "web")
+    got_web, ref_web = got.filter(web), ref.filter(pc.equal(ref["source"], "web"))
+    scores = ["itm_score", "itc_score", "captioner_id"]
+    assert got_web.drop_columns(scores).equals(ref_web.drop_columns(scores))
+    for col in ("itm_score", "itc_score"):  # the same image and text; other neighbours in the chunk (last bits)
+        a, b = (np.array(t[col].to_pylist(), dtype=float) for t in (got_web, ref_web))
+        assert np.allclose(a, b, atol=1e-5, equal_nan=True)
+    resize = pil_transform(PIXELS)
+    images = {s.key: s.image for u in list_shards(storage.RunRoot(tiny_world).ingest("web")) for s in iter_shard(u)}
+    synthetic = got.filter(pc.equal(got["source"], "synthetic")).to_pylist()
+    assert len(synthetic) == K * sum(1 for r in got.filter(web).to_pylist() if r["status"] == "ok")
+    for r in synthetic:
+        colour = dominant_colour(np.asarray(resize(decode_image(images[r["key"]])), dtype=np.float64))
+        assert r["text"] == f"a mostly {colour} picture"
+        assert r["itm_score"] is not None
+    assert len({r["text"] for r in synthetic}) > 1
+
+
 # ------------------------------------------------------------------------------------------ object stores
 def test_units_publish_and_are_recognised_on_s3(s3_root):
     """On an object store a unit's file is written under its final name (an object appears only once its upload
@@ -368,24 +445,29 @@ def test_units_publish_and_are_recognised_on_s3(s3_root):
     from pipelines import capfilt as C
 
     out = f"{s3_root}/round=1/capfilt"
+    from pipelines.capfilt.blip import BlipCaptioner, BlipFilter
+    from pipelines.capfilt.commit import load_or_create_plan, read_done, write_unit
+    from pipelines.capfilt.rows import UNIT_COLUMN, build_rows
+
     spec = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
-    s = C.Settings(round=1, seed=0, source="web", captioner_url="c", filter_url="f", captioner_id="c" * 16,
-                   filter_id="f" * 16, num_samples=1, method="nucleus", top_p=0.9, num_beams=3, max_length=20,
-                   min_length=5, repetition_penalty=1.0, prompt=None, itm_threshold=0.5, keep_top_k_synthetic=None,
-                   max_text_chars=100, model_batch_size=8, amp="none", use_gpu=False, captioner_pixels=spec,
-                   filter_pixels=spec)
+    s = C.Settings(round=1, seed=0, source="web", captioner=C.ModelRef("blip", BlipCaptioner, "c", "c" * 16, spec),
+                   filter=C.ModelRef("blip_itm", BlipFilter, "f", "f" * 16, spec), num_samples=1, method="nucleus",
+                   top_p=0.9, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0, prompt=None,
+                   itm_threshold=0.5, keep_top_k_synthetic=None, max_text_chars=100, model_batch_size=8,
+                   amp="none", use_gpu=False)
     shards = [f"{s3_root}/ingest/web/{i:05d}.tar" for i in range(2)]
-    plan = C.load_or_create_plan(out, shards, s, 1)
-    b = {C.UNIT_COLUMN: np.zeros(2, np.int32), "shard": np.array(["00000"] * 2, dtype=object),
+    plan = load_or_create_plan(out, shards, s, 1)
+    b = {UNIT_COLUMN: np.zeros(2, np.int32), "shard": np.array(["00000"] * 2, dtype=object),
          "key": np.array(["k1", "k0"], dtype=object), "url": np.array([None, None], dtype=object),
          "seed": np.arange(2, dtype=np.int64), "text": np.array(["a", "b"], dtype=object),
          "text_length": np.ones(2, np.int32), "text_status": np.array(["ok"] * 2, dtype=object),
          "image_status": np.array(["ok"] * 2, dtype=object), "error": np.array([None] * 2, dtype=object),
          "syn_0": np.array(["x", "y"], dtype=object)}
-    scores = np.full((2, 2), 0.7, dtype=np.float32)
-    marker = C.write_unit(out, plan.units[0], C.build_rows(b, scores, scores, s), s, 1024, [])
-    assert C.read_done(out, plan.units[0], plan.fingerprint) == marker
-    assert C.read_done(out, plan.units[1], plan.fingerprint) is None
+    for name in ("itm_score", "itc_score"):
+        b.update({f"{name}__{j}": np.full(2, 0.7, dtype=np.float32) for j in range(2)})
+    marker = write_unit(out, plan.units[0], build_rows(b, s), s, 1024, [])
+    assert read_done(out, plan.units[0], plan.fingerprint) == marker
+    assert read_done(out, plan.units[1], plan.fingerprint) is None
     fs, path = fsspec.core.url_to_fs(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
@@ -393,4 +475,4 @@ def test_units_publish_and_are_recognised_on_s3(s3_root):
     with fs.open(f"{path}/part-00000.parquet", "rb") as f:
         assert pq.read_table(f)["key"].to_pylist() == ["k0", "k0", "k1", "k1"]
     fs.pipe(f"{path}/part-00000.parquet", b"half an upload")  # a file that is not the one the marker describes
-    assert C.read_done(out, plan.units[0], plan.fingerprint) is None
+    assert read_done(out, plan.units[0], plan.fingerprint) is None

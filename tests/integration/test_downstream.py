@@ -19,8 +19,9 @@ import torch
 from blip_core import BlipConfig, BlipLosses, BlipModel, BlipTokenizer
 from blip_core.transforms import eval_transform
 from pipelines import downstream as ds
-from pipelines.synthetic import _rng, render_caption, render_image
-from pipelines.synthetic_tasks import _single, write_tasks
+from pipelines.world import render_caption, render_image, write_tasks
+from pipelines.world import seeded_rng as _rng
+from pipelines.world import single_facts as _single
 
 CAPFILT = str(Path(sys.executable).parent / "capfilt")
 SIZE = 32

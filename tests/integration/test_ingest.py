@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.shards import iter_shard, list_shards
-from pipelines.synthetic import serve_directory, serve_world, world_files
+from pipelines.world import serve_directory, serve_world, world_files
 
 from integration_helpers import TINY, capfilt, read_shards
 
@@ -201,7 +201,7 @@ def test_bad_input_is_recorded_and_good_images_keep_their_captions_byte_for_byte
 
 def test_world_server_serves_images_only_on_loopback(tmp_path):
     from pipelines.config import WorldConfig
-    from pipelines.synthetic import generate_world
+    from pipelines.world import generate_world
 
     world = str(tmp_path / "world")
     generate_world(WorldConfig(n_web=3, n_human=1, n_test=1), 0, world)

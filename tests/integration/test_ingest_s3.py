@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines import storage
 from pipelines.config import load_config
 from pipelines.ingest import run_ingest
-from pipelines.synthetic import serve_directory, world_files
+from pipelines.world import serve_directory, world_files
 
 from integration_helpers import TINY, capfilt, read_shards
 

@@ -14,7 +14,8 @@ import pytest
 
 from pipelines import storage
 from pipelines.config import load_config
-from pipelines.train import FAULT_ENV, METRICS, RAY_DIR, first_step_losses, run_job
+from pipelines.train import METRICS, RAY_DIR, first_step_losses, run_job
+from pipelines.train.faults import FAULT_ENV
 
 from integration_helpers import CAPFILT, REPO, TINY
 

@@ -12,24 +12,41 @@ import torch
 
 from blip_core import BlipConfig, BlipModel, BlipTokenizer
 from pipelines import capfilt as C
+from pipelines.capfilt.actors import CaptionActor, ScoreActor
+from pipelines.capfilt.blip import BlipCaptioner, BlipFilter
+from pipelines.capfilt.commit import load_or_create_plan, make_units, read_done, write_unit
+from pipelines.capfilt.decode import text_status
+from pipelines.capfilt.rows import SHARD_ERROR_KEY, UNIT_COLUMN, build_rows, empty_table
+from pipelines.capfilt.stage import consume
 
 K = 2
 
 
-def settings(tmp_path: Path | None = None, **over) -> C.Settings:
-    base = dict(round=1, seed=0, source="web", captioner_url=str(tmp_path or "/x") + "/cap",
-                filter_url=str(tmp_path or "/x") + "/filt", captioner_id="c" * 16, filter_id="f" * 16,
+PIXELS = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
+
+
+def settings(tmp_path: Path | None = None, scorers: list | None = None, **over) -> C.Settings:
+    where = str(tmp_path or "/x")
+    base = dict(round=1, seed=0, source="web",
+                captioner=C.ModelRef("blip", BlipCaptioner, where + "/cap", "c" * 16, PIXELS),
+                filter=C.ModelRef("blip_itm", BlipFilter, where + "/filt", "f" * 16, PIXELS),
                 num_samples=K, method="nucleus", top_p=0.9, num_beams=3, max_length=12, min_length=3,
                 repetition_penalty=1.0, prompt=None, itm_threshold=0.5, keep_top_k_synthetic=None,
-                max_text_chars=50, model_batch_size=4, amp="none", use_gpu=False,
-                captioner_pixels=C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3),
-                filter_pixels=C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3))
+                max_text_chars=50, model_batch_size=4, amp="none", use_gpu=False, scorers=scorers or [])
     base.update(over)
     return C.Settings(**base)
 
 
+def scored(b: dict, itm: np.ndarray, itc: np.ndarray, **more: np.ndarray) -> dict:
+    """The batch as the filter leaves it: ``<column>__j`` scores of text j."""
+    for name, values in {"itm_score": itm, "itc_score": itc, **more}.items():
+        for j in range(values.shape[1]):
+            b[f"{name}__{j}"] = values[:, j]
+    return b
+
+
 def batch(n: int, **cols) -> dict:
-    b = {C.UNIT_COLUMN: np.zeros(n, np.int32), "shard": np.array(["00000"] * n, dtype=object),
+    b = {UNIT_COLUMN: np.zeros(n, np.int32), "shard": np.array(["00000"] * n, dtype=object),
          "key": np.array([f"k{i}" for i in range(n)], dtype=object), "url": np.array([None] * n, dtype=object),
          "seed": np.arange(n, dtype=np.int64), "text": np.array([f"web {i}" for i in range(n)], dtype=object),
          "text_length": np.full(n, 5, np.int32), "text_status": np.array(["ok"] * n, dtype=object),
@@ -48,7 +65,7 @@ def test_keep_is_the_threshold_and_the_top_k_and_every_drop_says_why():
     b["syn_1"][1] = ""
     itm = np.array([[0.9, 0.7, 0.8], [0.1, 0.6, 0.9], [np.nan] * 3], dtype=np.float32)
     itc = np.full((3, 3), 0.2, dtype=np.float32)
-    rows = C.build_rows(b, itm, itc, settings(keep_top_k_synthetic=1)).to_pylist()
+    rows = build_rows(scored(b, itm, itc), settings(keep_top_k_synthetic=1)).to_pylist()
     got = {(r["key"], r["source"], r["candidate"]): r for r in rows}
     assert len(rows) == 2 * (1 + K) + 1  # the corrupt image has its web row only
     assert got[("k0", "web", None)]["keep"] and got[("k0", "web", None)]["drop_reason"] is None
@@ -68,23 +85,23 @@ def test_keep_is_the_threshold_and_the_top_k_and_every_drop_says_why():
 def test_without_top_k_every_candidate_above_the_threshold_is_kept_and_at_the_threshold_is_not():
     b = batch(1)
     itm = np.array([[0.5, 0.51, 0.5]], dtype=np.float32)
-    rows = C.build_rows(b, itm, itm, settings()).to_pylist()
+    rows = build_rows(scored(b, itm, itm), settings()).to_pylist()
     assert [r["keep"] for r in rows] == [False, True, False]
     assert [r["drop_reason"] for r in rows] == ["itm_below_threshold", None, "itm_below_threshold"]
 
 
 def test_texts_are_checked_before_any_model_sees_them():
-    assert C._text_status("", 10) == "empty_text"
-    assert C._text_status(" \n\t", 10) == "empty_text"
-    assert C._text_status("x" * 11, 10) == "text_too_long"
-    assert C._text_status("a red circle", 20) == "ok"
+    assert text_status("", 10) == "empty_text"
+    assert text_status(" \n\t", 10) == "empty_text"
+    assert text_status("x" * 11, 10) == "text_too_long"
+    assert text_status("a red circle", 20) == "ok"
 
 
 # ---------------------------------------------------------------------------------------- units, commits
 def test_units_are_named_after_their_shards():
     urls = [f"/r/ingest/web/{i:05d}.tar" for i in range(5)]
-    assert [u.file for u in C.make_units(urls, 1)][:2] == ["part-00000.parquet", "part-00001.parquet"]
-    units = C.make_units(urls, 2)
+    assert [u.file for u in make_units(urls, 1)][:2] == ["part-00000.parquet", "part-00001.parquet"]
+    units = make_units(urls, 2)
     assert [(u.name, len(u.shards)) for u in units] == [("part-00000_00001", 2), ("part-00002_00003", 2),
                                                          ("part-00004", 1)]
 
@@ -100,58 +117,58 @@ class _FakeDataset:
 def _rows(unit: int, keys: list[str], shard: str = "00000", **cols) -> pa.Table:
     n = len(keys)
     b = batch(n, key=np.array(keys, dtype=object), shard=np.array([shard] * n, dtype=object), **cols)
-    b[C.UNIT_COLUMN] = np.full(n, unit, np.int32)
+    b[UNIT_COLUMN] = np.full(n, unit, np.int32)
     z = np.full((n, 1 + K), 0.9, dtype=np.float32)
-    return C.build_rows(b, z, z, settings())
+    return build_rows(scored(b, z, z), settings())
 
 
 def test_consume_publishes_each_unit_when_the_next_starts_with_empty_units_and_shard_errors():
-    todo = C.make_units([f"/r/{i:05d}.tar" for i in range(4)], 1)
+    todo = make_units([f"/r/{i:05d}.tar" for i in range(4)], 1)
     # what the reader sends after a truncated tar: one row, never written, reported in the unit's marker
-    broken = _rows(0, [C.SHARD_ERROR_KEY], image_status=np.array(["shard_error"], dtype=object),
+    broken = _rows(0, [SHARD_ERROR_KEY], image_status=np.array(["shard_error"], dtype=object),
                    error=np.array(["after 2 samples: ReadError"], dtype=object))
     mixed = pa.concat_tables([_rows(0, ["a", "b"]), broken, _rows(2, ["c"])])
     written = []
-    C.consume(_FakeDataset([_rows(0, ["z"]), mixed]), todo,
-              lambda u, t, e: written.append((u.index, t.num_rows, [x["error"] for x in e])))
+    consume(_FakeDataset([_rows(0, ["z"]), mixed]), todo,
+            lambda u, t, e: written.append((u.index, t.num_rows, [x["error"] for x in e])), empty_table(settings()))
     assert written == [(0, 3 * (1 + K), ["after 2 samples: ReadError"]), (1, 0, []), (2, 1 + K, []), (3, 0, [])]
 
 
 def test_consume_refuses_rows_out_of_unit_order():
-    todo = C.make_units([f"/r/{i:05d}.tar" for i in range(2)], 1)
+    todo = make_units([f"/r/{i:05d}.tar" for i in range(2)], 1)
     with pytest.raises(C.CapfiltError, match="out of order"):
-        C.consume(_FakeDataset([_rows(1, ["a"]), _rows(0, ["b"])]), todo, lambda *a: None)
+        consume(_FakeDataset([_rows(1, ["a"]), _rows(0, ["b"])]), todo, lambda *a: None, empty_table(settings()))
 
 
 def test_a_unit_is_done_only_with_its_marker_its_file_and_the_same_fingerprint(tmp_path):
     out = str(tmp_path / "capfilt")
     s = settings()
-    unit = C.make_units(["/r/00000.tar"], 1)[0]
-    marker = C.write_unit(out, unit, _rows(0, ["b", "a"]), s, 1024, [])
+    unit = make_units(["/r/00000.tar"], 1)[0]
+    marker = write_unit(out, unit, _rows(0, ["b", "a"]), s, 1024, [])
     assert marker["rows"] == 2 * (1 + K) and marker["images"] == 2
-    assert C.read_done(out, unit, s.fingerprint()) == marker
-    assert not list((tmp_path / "capfilt" / "_tmp").iterdir())
+    assert read_done(out, unit, s.fingerprint()) == marker
+    assert not list((tmp_path / "capfilt").rglob(".*"))  # no temporary file left behind
     table = pa.parquet.read_table(tmp_path / "capfilt" / unit.file)
     assert table["key"].to_pylist()[:1 + K] == ["a"] * (1 + K)  # sorted by key, web first
     assert table["candidate"].to_pylist()[:1 + K] == [None, 0, 1]
-    assert C.read_done(out, unit, {**s.fingerprint(), "itm_threshold": 0.1}) is None
+    assert read_done(out, unit, {**s.fingerprint(), "itm_threshold": 0.1}) is None
     with open(tmp_path / "capfilt" / unit.file, "ab") as f:
         f.write(b"x")  # not the file the marker describes
-    assert C.read_done(out, unit, s.fingerprint()) is None
+    assert read_done(out, unit, s.fingerprint()) is None
     (tmp_path / "capfilt" / "_done" / f"{unit.name}.json").write_text("{trunc")
-    assert C.read_done(out, unit, s.fingerprint()) is None
+    assert read_done(out, unit, s.fingerprint()) is None
 
 
 def test_the_plan_of_the_first_run_binds_the_reruns(tmp_path):
     out = str(tmp_path / "capfilt")
     shards = [f"/r/ingest/web/{i:05d}.tar" for i in range(3)]
-    plan = C.load_or_create_plan(out, shards, settings(), 2)
-    again = C.load_or_create_plan(out, shards, settings(), 1)  # the stored plan wins over a new unit size
+    plan = load_or_create_plan(out, shards, settings(), 2)
+    again = load_or_create_plan(out, shards, settings(), 1)  # the stored plan wins over a new unit size
     assert [u.shards for u in again.units] == [u.shards for u in plan.units]
     with pytest.raises(C.CapfiltError, match="itm_threshold"):
-        C.load_or_create_plan(out, shards, settings(itm_threshold=0.7), 2)
+        load_or_create_plan(out, shards, settings(itm_threshold=0.7), 2)
     with pytest.raises(C.CapfiltError, match="other shards"):
-        C.load_or_create_plan(out, shards[:2], settings(), 2)
+        load_or_create_plan(out, shards[:2], settings(), 2)
     assert json.loads((tmp_path / "capfilt" / "_plan.json").read_text())["fingerprint"] == settings().fingerprint()
 
 
@@ -175,7 +192,8 @@ def checkpoints(tmp_path_factory) -> Path:
 
 def test_a_row_gets_the_same_captions_and_scores_whatever_its_neighbours(checkpoints):
     s = settings(checkpoints)
-    cap, filt = C.Captioner(s, {"torch_threads": 1}), C.Filter(s, {"torch_threads": 1})
+    cap = CaptionActor(s.captioner, s, {"torch_threads": 1})
+    filt = ScoreActor(s.filter, s, {"torch_threads": 1}, emit_rows=True)
     rng = np.random.default_rng(0)
     px = rng.integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from data_helpers import jpeg, key_of, write_karpathy, write_shards
 from pipelines import storage
 from pipelines.bootstrapped import read_manifest, relativize, resolve
-from pipelines.sources import RawSample, Source, Unit
+from pipelines.sources import RawSample, Source, StreamUnit
 from pipelines.data import (KarpathyDataset, KarpathySource, NotCommittedError, ShardStream, assign_units,
                             bootstrapped_stream, decode_image, eval_transform, iter_shard, list_shards, shard_name,
                             shard_size, train_transform, write_manifest)
@@ -131,10 +131,10 @@ class SizedSource(Source):
     def __init__(self, sizes: list[int]):
         self.sizes, self.image = list(sizes), jpeg((90, 120, 200))
 
-    def units(self, with_sizes: bool = False) -> list[Unit]:
-        return [Unit(f"sized/{u}", u, n) for u, n in enumerate(self.sizes)]
+    def units(self, with_sizes: bool = False) -> list[StreamUnit]:
+        return [StreamUnit(f"sized/{u}", u, n) for u, n in enumerate(self.sizes)]
 
-    def read(self, unit: Unit):
+    def read(self, unit: StreamUnit):
         for j in range(unit.size):
             yield RawSample(key=f"{unit.ref}-{j}", image_id=f"sized:{unit.ref}-{j}", text="t", source="sized",
                             image=self.image)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.config import ConfigError, RunConfig, WorldConfig, load_config
-from pipelines.synthetic import (
+from pipelines.world import (
     BACKGROUNDS,
     COLOURS,
     NOISE_TYPES,
@@ -299,7 +299,7 @@ def test_run_synth_commits_and_a_rerun_is_a_no_op(tmp_path):
 
 
 def test_sizes_have_defaults_and_counts_override():
-    from pipelines.synthetic import resolve_counts
+    from pipelines.world import resolve_counts
 
     tiny, demo, full = (resolve_counts(WorldConfig(size=s)) for s in ("tiny", "demo", "full"))
     assert 100 <= tiny["web"] < 1000 and 1000 <= demo["web"] < 10000 and full["web"] >= 10000

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_core import BlipConfig, BlipModel, BlipTokenizer
+from blip_core import BlipConfig, BlipLosses, BlipModel, BlipTokenizer
 from pipelines import storage
 from pipelines.config import ConfigError, load_config, validate_config
 from pipelines.modeling import ensure_tokenizer, human_set
 from pipelines.optim import build_optimizer, build_scheduler, lr_at
 from pipelines.sources import Sample
-from blip_core import BlipLosses
-from pipelines.train import (ROLES, Collate, MetricsLog, SeparateLMLosses, TrainError, freeze_unused, image_key,
-                             pre_caption, resolve_job, retrieval_metrics)
+from pipelines.train.data import Collate, image_key, pre_caption
+from pipelines.train.logs import MetricsLog
+from pipelines.train.losses import SeparateLMLosses, freeze_unused
+from pipelines.train.metrics import itc_retrieval_metrics
+from pipelines.train.spec import ROLES, TrainError, resolve_job
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "flows" / "configs" / "tiny.yaml")
@@ -169,13 +171,13 @@ def test_unused_parameters_are_frozen_per_objective():
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def test_retrieval_metrics_count_rank_one_and_five():
+def test_itc_retrieval_metrics_count_rank_one_and_five():
     img = torch.eye(4)
     txt = torch.eye(4)[[0, 0, 1, 2, 3, 3]]  # six captions, owners 0 0 1 2 3 3
     owner = torch.tensor([0, 0, 1, 2, 3, 3])
-    m = retrieval_metrics(img, torch.arange(4), txt, owner)
+    m = itc_retrieval_metrics(img, torch.arange(4), txt, owner)
     assert m["t2i_r1"] == 100.0 and m["i2t_r1"] == 100.0 and (m["images"], m["texts"]) == (4, 6)
-    wrong = retrieval_metrics(img, torch.arange(4), torch.eye(4)[[1, 1, 2, 3, 0, 0]], owner)
+    wrong = itc_retrieval_metrics(img, torch.arange(4), torch.eye(4)[[1, 1, 2, 3, 0, 0]], owner)
     assert wrong["t2i_r1"] == 0.0 and wrong["i2t_r1"] == 0.0
     assert wrong["t2i_r5"] == 100.0  # four images: everything is in the top 5
 

@@ -9,7 +9,7 @@ from timm.layers import build_sincos2d_pos_embed
 from blip_core import BlipConfig
 from blip_core.transforms import eval_transform
 from blip_core.vision import build_vit
-from pipelines.synthetic import POSITIONS, render_image, sample_facts
+from pipelines.world import POSITIONS, render_image, sample_facts
 
 
 def test_sincos_start_fills_the_patch_rows_and_normal_is_timms():

@@ -1,13 +1,20 @@
-"""The ``capfilt`` command: one sub-command per stage, each over a config and a run root."""
+"""The ``capfilt`` command: one sub-command per stage, each over a config and a run root.
+
+It sits above the flows (``capfilt bootstrap``/``demo`` run the Prefect flow, ``capfilt deploy`` registers it),
+so it lives in ``flows``; the stages it calls are ``pipelines``'. ``main`` sets Ray's and Prefect's environment
+(``flows.runtime.configure_environment``) before anything imports either: importing this module sets nothing."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from .config import ConfigError, load_config
-from .errors import StageError
+from pipelines.config import ConfigError, load_config
+from pipelines.errors import StageError
+
+from .runtime import configure_environment
 
 
 def _common(p: argparse.ArgumentParser, root_required: bool = True) -> None:
@@ -19,11 +26,7 @@ def _common(p: argparse.ArgumentParser, root_required: bool = True) -> None:
 
 def shipped_config(name: str) -> str:
     """A config shipped in flows/configs/ (installed with the package)."""
-    from pathlib import Path
-
-    import flows
-
-    return str(Path(flows.__file__).parent / "configs" / name)
+    return str(Path(__file__).resolve().parent / "configs" / name)
 
 
 def _round_stage(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -35,7 +38,7 @@ def _round_stage(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("synth", help="generate the synthetic world under <root>/world/"))
     _common(sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/"))
@@ -93,10 +96,10 @@ def _downstream_parsers(sub) -> None:
 
 
 def _run_downstream(args) -> dict:
-    from . import downstream as ds
+    from pipelines import downstream as ds
 
     if args.command == "synth-tasks":
-        from .synthetic_tasks import write_tasks
+        from pipelines.world import write_tasks
 
         return write_tasks(args.out, seed=args.seed, image_size=args.image_size)
     if args.command == "video-retrieval":
@@ -120,54 +123,54 @@ def _pick(summary: dict, *keys: str) -> str:
 
 
 def _synth(cfg, args) -> None:
-    from .synthetic import run_synth
+    from pipelines.world import run_synth
 
     run_synth(cfg, args.root)
 
 
 def _ingest(cfg, args) -> None:
-    from .ingest import run_ingest
+    from pipelines.ingest import run_ingest
 
     run_ingest(cfg, args.root)
 
 
 def _train(cfg, args) -> str:
-    from .train import run_job
+    from pipelines.train import run_job
 
     summary = run_job(cfg, args.root, args.round, "pretrain" if args.command == "pretrain" else args.role)
     return _pick(summary, "job", "round", "model", "model_id", "final_step", "eval")
 
 
 def _caption_filter(cfg, args) -> str:
-    from .capfilt import run_caption_filter
+    from pipelines.capfilt import run_caption_filter
 
     summary = run_caption_filter(cfg, args.root, args.round)
     return _pick(summary, "round", "images", "rows", "by_source", "by_status", "this_run")
 
 
 def _assemble(cfg, args) -> str:
-    from .assemble import run_assemble
+    from pipelines.assemble import run_assemble
 
     return json.dumps(run_assemble(cfg, args.root, args.round))
 
 
 def _eval(cfg, args) -> str:
-    from .evaluate import run_eval
+    from pipelines.evaluate import run_eval
 
     return _pick(run_eval(cfg, args.root, args.round), "round", "retrieval_r1", "caption_attribute_accuracy", "cider")
 
 
 def _report(cfg, args) -> str:
-    from .report import run_report
+    from pipelines.report import run_report
 
     return run_report(cfg, args.root, args.round, samples=args.samples)
 
 
 def _bootstrap(cfg, args) -> str:
-    from .storage import check_root_writable
+    from pipelines.storage import check_root_writable
 
     check_root_writable(args.root)  # before Prefect or Ray start: a bad root fails in a second
-    from flows.bootstrap import capfilt as capfilt_flow
+    from .bootstrap import capfilt as capfilt_flow
 
     try:
         summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
@@ -188,10 +191,11 @@ DOWNSTREAM = ("vqa", "nlvr", "video-retrieval", "synth-tasks")
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_environment()  # Ray's and Prefect's settings, before either is imported
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "deploy":
-        from flows.deploy import deploy
+        from .deploy import deploy
 
         print(deploy(args.pool))
         return 0

@@ -9,19 +9,34 @@
 
 Each answer and label comes from the facts that drew the pixels, so a head's accuracy is measured against truth.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from .synthetic import (BACKGROUNDS, COLOURS, PLURALS, POSITIONS, SHAPES, SIZES, _article, _choice, _draw_background,
-                        _random_object, _rng, draw_object, render_caption, render_image, sample_facts)
+from .images import render_clip, render_image
+from .language import (
+    BACKGROUNDS,
+    COLOURS,
+    NUMBER_WORDS,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    article,
+    choice,
+    random_object,
+    render_caption,
+    sample_facts,
+    seeded_rng,
+)
 
 _TASK_CODE = {"vqa": 101, "nlvr": 102, "video": 103}
-NUMBERS = {2: "two", 3: "three"}
+NUMBERS = NUMBER_WORDS
 
 
 def _question(facts: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -44,7 +59,10 @@ def _question(facts: dict, rng: np.random.Generator) -> tuple[str, str]:
     else:
         a, b = facts["objects"]
         if a["shape"] != b["shape"]:
-            options += [(f"what colour is the {a['shape']}?", a["colour"]), (f"what colour is the {b['shape']}?", b["colour"])]
+            options += [
+                (f"what colour is the {a['shape']}?", a["colour"]),
+                (f"what colour is the {b['shape']}?", b["colour"]),
+            ]
         options.append(("how many objects are there?", "two"))
     return options[int(rng.integers(len(options)))]
 
@@ -64,7 +82,7 @@ def write_vqa(out: Path, n_images: dict[str, int], seed: int, image_size: int) -
     for s, (split, n) in enumerate(n_images.items()):
         rows = []
         for i in range(n):
-            rng = _rng(seed, _TASK_CODE["vqa"], s, i)
+            rng = seeded_rng(seed, _TASK_CODE["vqa"], s, i)
             facts = sample_facts(rng)
             rel = f"images/vqa/{split}/{i:06d}.jpg"
             _save(render_image(facts, image_size, rng), out / rel)
@@ -78,23 +96,36 @@ def write_vqa(out: Path, n_images: dict[str, int], seed: int, image_size: int) -
     return files
 
 
-def _single(rng: np.random.Generator) -> dict:
-    return {"layout": "single", "background": _choice(rng, BACKGROUNDS), "count": 1, "objects": [_random_object(rng)],
-            "position": _choice(rng, POSITIONS), "relation": None}
+def single_facts(rng: np.random.Generator) -> dict:
+    """The facts of a random one-object image (the ``single`` layout of :func:`sample_facts`)."""
+    return {
+        "layout": "single",
+        "background": choice(rng, BACKGROUNDS),
+        "count": 1,
+        "objects": [random_object(rng)],
+        "position": choice(rng, POSITIONS),
+        "relation": None,
+    }
 
 
 def _statement(left: dict, right: dict, rng: np.random.Generator) -> tuple[str, bool]:
     """A statement about the colours of the pair, true half the time (the objects are recoloured to make it so)."""
     a, b = left["objects"][0], right["objects"][0]
     want = bool(rng.random() < 0.5)
-    colour = _choice(rng, list(COLOURS))
-    other = lambda: _choice(rng, [x for x in COLOURS if x != colour])  # noqa: E731
+    colour = choice(rng, list(COLOURS))
+    other = lambda: choice(rng, [x for x in COLOURS if x != colour])  # noqa: E731
     if rng.random() < 0.5:  # "both": false when one side (or neither) has the colour
-        a["colour"], b["colour"] = (colour, colour) if want else [(colour, other()), (other(), colour), (other(), other())][int(rng.integers(3))]
-        return f"both images show {_article(colour)} {colour} object", want
+        a["colour"], b["colour"] = (
+            (colour, colour)
+            if want
+            else [(colour, other()), (other(), colour), (other(), other())][int(rng.integers(3))]
+        )
+        return f"both images show {article(colour)} {colour} object", want
     # "at least one": false when neither side has the colour
-    a["colour"], b["colour"] = [(colour, other()), (other(), colour), (colour, colour)][int(rng.integers(3))] if want else (other(), other())
-    return f"at least one image shows {_article(colour)} {colour} object", want
+    a["colour"], b["colour"] = (
+        [(colour, other()), (other(), colour), (colour, colour)][int(rng.integers(3))] if want else (other(), other())
+    )
+    return f"at least one image shows {article(colour)} {colour} object", want
 
 
 def write_nlvr(out: Path, n_pairs: dict[str, int], seed: int, image_size: int) -> dict[str, str]:
@@ -102,8 +133,8 @@ def write_nlvr(out: Path, n_pairs: dict[str, int], seed: int, image_size: int) -
     for s, (split, n) in enumerate(n_pairs.items()):
         rows = []
         for i in range(n):
-            rng = _rng(seed, _TASK_CODE["nlvr"], s, i)
-            left, right = _single(rng), _single(rng)
+            rng = seeded_rng(seed, _TASK_CODE["nlvr"], s, i)
+            left, right = single_facts(rng), single_facts(rng)
             for facts in (left, right):  # large objects: a small one is a few pixels of a tiny image
                 facts["objects"][0]["size"] = "large"
             sentence, label = _statement(left, right, rng)
@@ -118,27 +149,11 @@ def write_nlvr(out: Path, n_pairs: dict[str, int], seed: int, image_size: int) -
     return files
 
 
-def render_clip(facts: dict, size: int, frames: int, rng: np.random.Generator) -> list[Image.Image]:
-    """An object moving in a straight line across a fixed background (drawn 4x larger, then downsampled)."""
-    n = size * 4
-    obj = facts["objects"][0]
-    r = {"small": 0.11, "large": 0.19}[obj["size"]] * n
-    (x0, y0), (x1, y1) = rng.uniform(0.25, 0.75, size=(2, 2)) * n
-    background = Image.new("RGB", (n, n))
-    _draw_background(ImageDraw.Draw(background), facts["background"], n, rng)
-    out = []
-    for t in np.linspace(0.0, 1.0, frames):
-        img = background.copy()
-        draw_object(ImageDraw.Draw(img), obj, x0 + t * (x1 - x0), y0 + t * (y1 - y0), r)
-        out.append(img.resize((size, size), Image.LANCZOS))
-    return out
-
-
 def write_video(out: Path, n_clips: int, seed: int, image_size: int, frames: int = 12) -> dict[str, str]:
     rows = []
     for i in range(n_clips):
-        rng = _rng(seed, _TASK_CODE["video"], i)
-        facts = _single(rng)
+        rng = seeded_rng(seed, _TASK_CODE["video"], i)
+        facts = single_facts(rng)
         clip = render_clip(facts, image_size, frames, rng)
         rel = f"videos/{i:06d}.gif"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +165,15 @@ def write_video(out: Path, n_clips: int, seed: int, image_size: int, frames: int
     return {"test": str(path)}
 
 
-def write_tasks(out_dir: str, *, seed: int = 0, image_size: int = 64, vqa_images: tuple[int, int] = (2000, 300),
-                nlvr_pairs: tuple[int, int] = (2000, 300), video_clips: int = 100) -> dict[str, dict[str, str]]:
+def write_tasks(
+    out_dir: str,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    vqa_images: tuple[int, int] = (2000, 300),
+    nlvr_pairs: tuple[int, int] = (2000, 300),
+    video_clips: int = 100,
+) -> dict[str, dict[str, str]]:
     """Write the three tasks under ``out_dir``; returns each task's annotation files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
