@@ -10,6 +10,7 @@ ITC + ITM, both from scratch on the tiny world's 60 human images, ~20 s together
 ``capfilt finetune``, whose Ray Train jobs take minutes on 2 shared cores. They are weak models but real ones:
 their captions name shapes and colours, and their scores are not constant.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ from pipelines.karpathy import KarpathyDataset
 log = logging.getLogger(__name__)
 
 
-def train_tiny(world_dir: Path, out_dir: Path, role: str, steps: int = 150, seed: int = 0,
-               tokenizer=None) -> Path:
+def train_tiny(world_dir: Path, out_dir: Path, role: str, steps: int = 150, seed: int = 0, tokenizer=None) -> Path:
     """Fine-tune a tiny model from scratch on the world's human set: ``captioner`` (LM) or ``filter`` (ITC+ITM).
 
     Written as ``<out_dir>/model`` (our checkpoint format); returns that path."""
@@ -56,8 +56,7 @@ def _train(world_dir: Path, out_dir: Path, role: str, steps: int, seed: int, tok
     ids_t = torch.tensor(image_ids)
     if tokenizer is None:
         tokenizer = BlipTokenizer.train(texts, vocab_size=200)
-    cfg = BlipConfig.preset("tiny", text={"vocab_size": tokenizer.vocab_size, **tokenizer.special_ids()},
-                            queue_size=64)
+    cfg = BlipConfig.preset("tiny", text={"vocab_size": tokenizer.vocab_size, **tokenizer.special_ids()}, queue_size=64)
     model = BlipModel(cfg, tokenizer).train()
     losses = BlipLosses(model)
     objectives = ("lm",) if role == "captioner" else ("itc", "itm")

@@ -20,6 +20,7 @@ the object store's pages included — and the driver's own peak RSS.
     .venv/bin/python benchmarks/bench_capfilt.py [--shards 3] [--per-shard 200] [--samples 1]
         [--captioner-actors 2] [--model-batch 16] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,11 @@ def write_shards(world: Path, directory: Path, n_shards: int, per_shard: int) ->
                 key = f"{s:05d}{i:04d}"
                 image = (world / "images" / row["url"].split("}/", 1)[1]).read_bytes()
                 meta = {"url": row["url"], "key": key, "status": "success", "caption": row["caption"]}
-                for ext, data in (("jpg", image), ("txt", (row["caption"] or "").encode()),
-                                  ("json", json.dumps(meta).encode())):
+                for ext, data in (
+                    ("jpg", image),
+                    ("txt", (row["caption"] or "").encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -99,12 +103,21 @@ def setup(work: Path, n_shards: int, per_shard: int) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------------- children
 def overrides(args: argparse.Namespace) -> list[str]:
     cap_cpus = round(min(0.7, (2.0 - 0.2 - 0.4) / args.captioner_actors), 2)
-    return [f"capfilt.num_samples={args.samples}", f"capfilt.model_batch_size={args.model_batch}",
-            "capfilt.decode_num_cpus=0.2", "capfilt.decode_batch_rows=64", "capfilt.decode_concurrency=2",
-            f"capfilt.captioner_pool.actors={args.captioner_actors}", "capfilt.captioner_pool.batch_size=64",
-            f"capfilt.captioner_pool.num_cpus={cap_cpus}", "capfilt.captioner_pool.torch_threads=1",
-            "capfilt.filter_pool.actors=1", "capfilt.filter_pool.batch_size=64", "capfilt.filter_pool.num_cpus=0.4",
-            "capfilt.filter_pool.torch_threads=1"]
+    return [
+        f"capfilt.num_samples={args.samples}",
+        f"capfilt.model_batch_size={args.model_batch}",
+        "capfilt.decode_num_cpus=0.2",
+        "capfilt.decode_batch_rows=64",
+        "capfilt.decode_concurrency=2",
+        f"capfilt.captioner_pool.actors={args.captioner_actors}",
+        "capfilt.captioner_pool.batch_size=64",
+        f"capfilt.captioner_pool.num_cpus={cap_cpus}",
+        "capfilt.captioner_pool.torch_threads=1",
+        "capfilt.filter_pool.actors=1",
+        "capfilt.filter_pool.batch_size=64",
+        "capfilt.filter_pool.num_cpus=0.4",
+        "capfilt.filter_pool.torch_threads=1",
+    ]
 
 
 def child_bare(root: str, args: argparse.Namespace) -> None:
@@ -126,8 +139,18 @@ def child_bare(root: str, args: argparse.Namespace) -> None:
     table = runner(shards, batch_size=64)
     seconds = time.perf_counter() - t1
     images = table.filter(pc.equal(table["source"], "web")).num_rows
-    print(json.dumps({"mode": "bare", "threads": torch.get_num_threads(), "images": images, "seconds": seconds,
-                      "load_seconds": load, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "mode": "bare",
+                "threads": torch.get_num_threads(),
+                "images": images,
+                "seconds": seconds,
+                "load_seconds": load,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 class _Commits(logging.Handler):
@@ -167,11 +190,19 @@ def child_pipeline(root: str, args: argparse.Namespace) -> None:
     if len(commits.times) >= 8:
         i0 = len(commits.times) // 2
         (ta, _), (tb, _) = commits.times[i0], commits.times[-1]
-        steady = sum(n for _, n in commits.times[i0 + 1:]) / (tb - ta)
-    print(json.dumps({"mode": "pipeline", "images": summary["images"], "seconds": seconds,
-                      "first_commit_s": commits.times[0][0] - t0 if commits.times else None,
-                      "steady_images_per_s": steady,
-                      "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        steady = sum(n for _, n in commits.times[i0 + 1 :]) / (tb - ta)
+    print(
+        json.dumps(
+            {
+                "mode": "pipeline",
+                "images": summary["images"],
+                "seconds": seconds,
+                "first_commit_s": commits.times[0][0] - t0 if commits.times else None,
+                "steady_images_per_s": steady,
+                "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -202,9 +233,21 @@ def run_child(mode: str, root: Path, args: argparse.Namespace, extra: list[str] 
     marker = f"{MARKER_VAR}={token}".encode()
     env = {**os.environ, MARKER_VAR: token}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--root", str(root),
-           "--samples", str(args.samples), "--captioner-actors", str(args.captioner_actors),
-           "--model-batch", str(args.model_batch), *extra]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        mode,
+        "--root",
+        str(root),
+        "--samples",
+        str(args.samples),
+        "--captioner-actors",
+        str(args.captioner_actors),
+        "--model-batch",
+        str(args.model_batch),
+        *extra,
+    ]
     peak = {"pss": 0, "procs": 0}
     done = threading.Event()
 
@@ -253,13 +296,15 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_capfilt_"))
     t = time.perf_counter()
     small, large = setup(work, args.shards, args.per_shard)
-    print(f"setup (world, {11 * args.shards} shards of {args.per_shard}, tiny captioner + filter trained) in "
-          f"{time.perf_counter() - t:.0f}s; K={args.samples}, model batch {args.model_batch}, "
-          f"{args.captioner_actors} captioner actor(s) + 1 filter actor, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"setup (world, {11 * args.shards} shards of {args.per_shard}, tiny captioner + filter trained) in "
+        f"{time.perf_counter() - t:.0f}s; K={args.samples}, model batch {args.model_batch}, "
+        f"{args.captioner_actors} captioner actor(s) + 1 filter actor, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
     cpus = os.cpu_count() or 1
     runs: dict[str, list[dict]] = {}
-    for rep in range(args.repeat):  # interleaved, best of each: the machine may be shared
+    for _ in range(args.repeat):  # interleaved, best of each: the machine may be shared
         for n in sorted({1, cpus}):
             runs.setdefault(f"bare{n}", []).append(run_child("bare", small, args, ["--threads", str(n)]))
         for name, root in (("pipe1", small), ("pipe10", large)):
@@ -278,27 +323,32 @@ def main() -> None:
     print(f"\n{'':46s}{'images':>8s}{'seconds':>9s}{'images/s':>10s}{'x bare':>8s}")
     for r in bare:
         rate = r["images"] / r["seconds"]
-        print(f"{'bare models, 1 process, ' + str(r['threads']) + ' torch thread(s)':46s}{r['images']:8d}"
-              f"{r['seconds']:9.1f}{rate:10.1f}{rate / bare_rate:8.2f}")
+        print(
+            f"{'bare models, 1 process, ' + str(r['threads']) + ' torch thread(s)':46s}{r['images']:8d}"
+            f"{r['seconds']:9.1f}{rate:10.1f}{rate / bare_rate:8.2f}"
+        )
     for name, r in (("pipeline N shards", pipe1), ("pipeline 10 x N shards", pipe10)):
         rate = r["images"] / r["seconds"]
         print(f"{name + ', whole run':46s}{r['images']:8d}{r['seconds']:9.1f}{rate:10.1f}{rate / bare_rate:8.2f}")
     extra_i, extra_s = pipe10["images"] - pipe1["images"], pipe10["seconds"] - pipe1["seconds"]
     marginal = extra_i / extra_s if extra_s > 0 else float("nan")
-    print(f"{'pipeline, marginal (10 x N minus N)':46s}{extra_i:8d}{extra_s:9.1f}{marginal:10.1f}{marginal / bare_rate:8.2f}")
+    print(
+        f"{'pipeline, marginal (10 x N minus N)':46s}{extra_i:8d}{extra_s:9.1f}{marginal:10.1f}{marginal / bare_rate:8.2f}"
+    )
     if pipe10["steady_images_per_s"]:
         st = pipe10["steady_images_per_s"]
         print(f"{'pipeline 10 x N, steady state (commit rate)':46s}{'':8s}{'':9s}{st:10.1f}{st / bare_rate:8.2f}")
     print(f"\n{'peak memory (MiB)':46s}{'N':>10s}{'10 x N':>10s}{'ratio':>8s}")
-    rows = [("summed PSS, all processes of the run", "peak_pss_mib"),
-            ("driver peak RSS", "driver_peak_rss_mib")]
+    rows = [("summed PSS, all processes of the run", "peak_pss_mib"), ("driver peak RSS", "driver_peak_rss_mib")]
     for label, key in rows:
         a, b = pipe1[key], pipe10[key]
         print(f"{label:46s}{a:10.0f}{b:10.0f}{b / a:8.2f}")
     print(f"{'bare process peak RSS (N shards)':46s}{best['peak_rss_mib']:10.0f}")
-    print(f"\npipeline / bare (marginal): {marginal / bare_rate:.2f} (target >= 0.9); "
-          f"memory 10 x N / N: {pipe10['peak_pss_mib'] / pipe1['peak_pss_mib']:.2f} (target ~1.0); "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"\npipeline / bare (marginal): {marginal / bare_rate:.2f} (target >= 0.9); "
+        f"memory 10 x N / N: {pipe10['peak_pss_mib'] / pipe1['peak_pss_mib']:.2f} (target ~1.0); "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
     print(json.dumps(runs))
 
 

@@ -8,6 +8,7 @@ measures img2dataset + our server on one machine, not a network.
     .venv/bin/python benchmarks/bench_ingest.py [--n-web 3000] [--shard-size 500] [--settings 1x8,2x16]
         [--root DIR-or-s3://bucket/prefix]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,14 @@ def main() -> None:
             m = run_ingest(cfg, root)
             wall = time.time() - t0
             r = m["this_run"]
-            print(f"{setting:>20} {wall:8.1f} {m['total'] / wall:13.0f} {r['worker_samples_per_second']:13.0f} "
-                  f"{m['success_rate']:8.3f}")
+            print(
+                f"{setting:>20} {wall:8.1f} {m['total'] / wall:13.0f} {r['worker_samples_per_second']:13.0f} "
+                f"{m['success_rate']:8.3f}"
+            )
             if args.root:
                 storage.filesystem(storage.RunRoot(root).ingest(source))[0].rm(
-                    storage.filesystem(storage.RunRoot(root).ingest(source))[1], recursive=True)
+                    storage.filesystem(storage.RunRoot(root).ingest(source))[1], recursive=True
+                )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and of its DataLoader workers (from getrusage), plus the main process's RSS befo
 
     .venv/bin/python benchmarks/bench_stream.py [--shards 8] [--per-shard 200] [--workers 2] [--buffer 500]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,14 @@ def write_shards(directory: str, n_shards: int, per_shard: int, image_size: int)
             for i in range(per_shard):
                 key = f"{s:05d}{i:04d}"
                 meta = {"url": f"http://127.0.0.1/{key}.jpg", "key": key, "status": "success"}
-                sink.write({"__key__": key, "jpg": pool[(s * per_shard + i) % len(pool)],
-                            "txt": f"a synthetic caption number {key} " * 3, "json": json.dumps(meta).encode()})
+                sink.write(
+                    {
+                        "__key__": key,
+                        "jpg": pool[(s * per_shard + i) % len(pool)],
+                        "txt": f"a synthetic caption number {key} " * 3,
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
         with open(os.path.join(directory, f"{s:05d}_stats.json"), "w") as f:
             json.dump({"count": per_shard, "successes": per_shard}, f)
     storage.commit(directory)
@@ -78,19 +85,39 @@ def child(directory: str, n_shards: int, workers: int, buffer: int, batch: int, 
         n += len(b.key)
     elapsed = time.perf_counter() - t
     del loader  # workers exit, so their peak is in RUSAGE_CHILDREN
-    print(json.dumps({
-        "shards": len(shards), "samples": n, "seconds": elapsed, "baseline_mib": baseline,
-        "peak_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        # With no workers, RUSAGE_CHILDREN would only see short-lived helpers forked during imports.
-        "peak_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else None,
-        "stats": stream.stats(),
-    }))
+    print(
+        json.dumps(
+            {
+                "shards": len(shards),
+                "samples": n,
+                "seconds": elapsed,
+                "baseline_mib": baseline,
+                "peak_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # With no workers, RUSAGE_CHILDREN would only see short-lived helpers forked during imports.
+                "peak_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else None,
+                "stats": stream.stats(),
+            }
+        )
+    )
 
 
 def measure(directory: str, n_shards: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", directory, "--shards", str(n_shards),
-           "--workers", str(args.workers), "--buffer", str(args.buffer), "--batch", str(args.batch),
-           "--image-size", str(args.image_size)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        directory,
+        "--shards",
+        str(n_shards),
+        "--workers",
+        str(args.workers),
+        "--buffer",
+        str(args.buffer),
+        "--batch",
+        str(args.batch),
+        "--image-size",
+        str(args.image_size),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -114,9 +141,11 @@ def main() -> None:
         t = time.perf_counter()
         write_shards(directory, 10 * args.shards, args.per_shard, args.image_size)
         size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) / 2**20
-        print(f"wrote {10 * args.shards} shards x {args.per_shard} samples ({size:.0f} MiB) in "
-              f"{time.perf_counter() - t:.1f}s; {args.workers} DataLoader workers, shuffle buffer {args.buffer}, "
-              f"batch {args.batch}, {args.image_size} px train transform")
+        print(
+            f"wrote {10 * args.shards} shards x {args.per_shard} samples ({size:.0f} MiB) in "
+            f"{time.perf_counter() - t:.1f}s; {args.workers} DataLoader workers, shuffle buffer {args.buffer}, "
+            f"batch {args.batch}, {args.image_size} px train transform"
+        )
         small, large = measure(directory, args.shards, args), measure(directory, 10 * args.shards, args)
 
     rows = [

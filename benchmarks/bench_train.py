@@ -11,6 +11,7 @@ torch's peak allocated memory. ``job s`` is the whole job, Ray Train's start-up 
     .venv/bin/python benchmarks/bench_train.py [--config flows/configs/demo.yaml] [--root runs/bench-train]
         [--steps 120] [--workers 1 2] [--batch-size 64] [--dataloader-workers 1] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ def measure(config: str, world_root: str, workers: int, steps: int, batch_size: 
     from pipelines.config import load_config
     from pipelines.train import run_job
 
-    overrides = [f"train.pretrain.workers={workers}", f"train.pretrain.batch_size={batch_size}",
-                 f"train.pretrain.max_steps={steps}", f"train.pretrain.dataloader_workers={loaders}",
-                 "train.pretrain.checkpoint_every_steps=1000000", "train.pretrain.log_every_steps=10"]
+    overrides = [
+        f"train.pretrain.workers={workers}",
+        f"train.pretrain.batch_size={batch_size}",
+        f"train.pretrain.max_steps={steps}",
+        f"train.pretrain.dataloader_workers={loaders}",
+        "train.pretrain.checkpoint_every_steps=1000000",
+        "train.pretrain.log_every_steps=10",
+    ]
     cfg = load_config(config, overrides)
     run = Path(tempfile.mkdtemp(prefix=f"bench-train-w{workers}-"))
     try:
@@ -68,14 +74,20 @@ def measure(config: str, world_root: str, workers: int, steps: int, batch_size: 
     sps = sum(r["samples_per_s"] * n for n, r in windows) / max(n_steps, 1)
     step_time = sum(r["step_time_s"] * n for n, r in windows) / max(n_steps, 1)
     wait = sum(r["data_wait"] * r["step_time_s"] * n for n, r in windows) / max(
-        sum(r["step_time_s"] * n for n, r in windows), 1e-9)
+        sum(r["step_time_s"] * n for n, r in windows), 1e-9
+    )
     return {
-        "workers": workers, "steps": summary["final_step"], "global_batch": batch_size,
-        "samples_per_s": sps, "step_time_s": step_time, "data_wait": wait,
+        "workers": workers,
+        "steps": summary["final_step"],
+        "global_batch": batch_size,
+        "samples_per_s": sps,
+        "step_time_s": step_time,
+        "data_wait": wait,
         "peak_rss_mib": max(r["peak_rss_mib"] for r in steady),
         "loader_rss_mib": max(r.get("loader_rss_mib", 0.0) for r in steady),
         "peak_gpu_mib": max((r.get("peak_gpu_mib", 0.0) for r in steady), default=0.0),
-        "job_s": job_s, "eval": summary["eval"],
+        "job_s": job_s,
+        "eval": summary["eval"],
     }
 
 
@@ -95,23 +107,32 @@ def main() -> None:
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ensure_ray(dashboard=True)  # sets Ray's environment before this process first imports ray
-    results = [measure(args.config, args.root, w, args.steps, args.batch_size, args.dataloader_workers)
-               for w in args.workers]
+    results = [
+        measure(args.config, args.root, w, args.steps, args.batch_size, args.dataloader_workers) for w in args.workers
+    ]
 
-    print(f"\npre-training on {os.path.basename(args.config)}, {args.steps} steps, global batch {args.batch_size}, "
-          f"{args.dataloader_workers} DataLoader worker(s) per Ray Train worker, {os.cpu_count()} CPUs")
-    head = f"{'workers':>7} {'samples/s':>10} {'step s':>7} {'data wait':>10} {'rank-0 RSS MiB':>15} " \
-           f"{'loaders MiB':>12} {'GPU MiB':>8} {'job s':>6}"
+    print(
+        f"\npre-training on {os.path.basename(args.config)}, {args.steps} steps, global batch {args.batch_size}, "
+        f"{args.dataloader_workers} DataLoader worker(s) per Ray Train worker, {os.cpu_count()} CPUs"
+    )
+    head = (
+        f"{'workers':>7} {'samples/s':>10} {'step s':>7} {'data wait':>10} {'rank-0 RSS MiB':>15} "
+        f"{'loaders MiB':>12} {'GPU MiB':>8} {'job s':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['step_time_s']:>7.3f} {100 * r['data_wait']:>9.1f}% "
-              f"{r['peak_rss_mib']:>15.0f} {r['loader_rss_mib']:>12.0f} {r['peak_gpu_mib']:>8.0f} {r['job_s']:>6.0f}")
+        print(
+            f"{r['workers']:>7} {r['samples_per_s']:>10.1f} {r['step_time_s']:>7.3f} {100 * r['data_wait']:>9.1f}% "
+            f"{r['peak_rss_mib']:>15.0f} {r['loader_rss_mib']:>12.0f} {r['peak_gpu_mib']:>8.0f} {r['job_s']:>6.0f}"
+        )
     if len(results) >= 2:
         base = results[0]
         for r in results[1:]:
-            print(f"scaling {r['workers']} vs {base['workers']} workers: "
-                  f"{r['samples_per_s'] / base['samples_per_s']:.2f}x samples/s")
+            print(
+                f"scaling {r['workers']} vs {base['workers']} workers: "
+                f"{r['samples_per_s'] / base['samples_per_s']:.2f}x samples/s"
+            )
     ok = all(r["data_wait"] < 0.10 for r in results)
     print(f"data wait target (< 10% of step time): {'met' if ok else 'NOT met'}")
     if args.json:

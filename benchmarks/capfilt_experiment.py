@@ -23,6 +23,7 @@ synthetic captions (all, and the kept ones), and their diversity (distinct / tot
     .venv/bin/python benchmarks/capfilt_experiment.py --config flows/configs/full.yaml --seed 0 --noise-rate 0.4 \
         --json runs/experiment.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,13 +101,22 @@ def collect(config: str, root: str, seconds: float, sets: list[str] | None = Non
     rounds = {}
     for k in (1, 2):
         m = storage.read_json(storage.join(rr.round(k, "eval"), "metrics.json"))
-        rounds[f"round{k}"] = {"retrieval_r1": m["retrieval_r1"], "caption_attribute_accuracy": m["caption_attribute_accuracy"],
-                               "cider": m["cider"], "retrieval": m["retrieval"]}
+        rounds[f"round{k}"] = {
+            "retrieval_r1": m["retrieval_r1"],
+            "caption_attribute_accuracy": m["caption_attribute_accuracy"],
+            "cider": m["cider"],
+            "retrieval": m["retrieval"],
+        }
     return {
-        "config": config, "root": root, "world": cfg.world.model_dump() if cfg.world else None, "minutes": seconds / 60,
+        "config": config,
+        "root": root,
+        "world": cfg.world.model_dump() if cfg.world else None,
+        "minutes": seconds / 60,
         "filter_auc": agreement["filter_auc"],
-        "noise_rate_before": agreement["noise_rate_before"], "noise_rate_after": agreement["noise_rate_after"],
-        "filter_precision": agreement["precision"], "filter_recall": agreement["recall"],
+        "noise_rate_before": agreement["noise_rate_before"],
+        "noise_rate_after": agreement["noise_rate_after"],
+        "filter_precision": agreement["precision"],
+        "filter_recall": agreement["recall"],
         "recall_by_noise_type": {t: v["recall"] for t, v in agreement["by_noise_type"].items()},
         "captioner_attribute_accuracy": synthetic_caption_accuracy(capfilt_url, truth),
         "dataset": storage.read_json(storage.join(rr.round(1, "dataset"), "summary.json")),
@@ -136,20 +146,22 @@ def table(r: dict) -> str:
     for k in ("round1", "round2"):
         m = r[k]
         ret = m["retrieval"]
-        lines.append(f"{k}: retrieval R@1 {m['retrieval_r1']:.1f}, caption attribute accuracy {m['caption_attribute_accuracy']:.1f}%, "
-                     f"CIDEr {m['cider']:.1f}; text/image R@1 re-ranked {ret['txt_r1']:.1f}/{ret['img_r1']:.1f}, "
-                     f"ITC alone {ret['itc_txt_r1']:.1f}/{ret['itc_img_r1']:.1f}")
+        lines.append(
+            f"{k}: retrieval R@1 {m['retrieval_r1']:.1f}, caption attribute accuracy {m['caption_attribute_accuracy']:.1f}%, "
+            f"CIDEr {m['cider']:.1f}; text/image R@1 re-ranked {ret['txt_r1']:.1f}/{ret['img_r1']:.1f}, "
+            f"ITC alone {ret['itc_txt_r1']:.1f}/{ret['itc_img_r1']:.1f}"
+        )
     return "\n".join(lines)
 
 
 # ================================================================================================ ablations
 PAPER = {
     "decoding": "nucleus sampling beats beam search for the next round's data although its captions are noisier: "
-                "the filter removes 25% of nucleus vs 19% of beam-search captions (Table 2); beam search gives safe, "
-                "common captions, nucleus more diverse and surprising ones",
+    "the filter removes 25% of nucleus vs 19% of beam-search captions (Table 2); beam search gives safe, "
+    "common captions, nucleus more diverse and surprising ones",
     "sharing": "separate beats shared: a filter sharing the captioner's parameters is biased to keep the captioner's "
-               "own captions, errors included (confirmation bias); it removes 8% of synthetic captions vs 25% for "
-               "separate models (Table 4)",
+    "own captions, errors included (confirmation bias); it removes 8% of synthetic captions vs 25% for "
+    "separate models (Table 4)",
 }
 
 
@@ -168,8 +180,18 @@ def run_stage(label: str, cmd: list[str]) -> float:
 
 
 def stage_cmd(stage: str, config: str, root: str, sets: list[str], *extra: str) -> list[str]:
-    return [CAPFILT, stage, "--config", config, "--root", root, "--round", "1", *extra,
-            *(x for s in sets for x in ("--set", s))]
+    return [
+        CAPFILT,
+        stage,
+        "--config",
+        config,
+        "--root",
+        root,
+        "--round",
+        "1",
+        *extra,
+        *(x for s in sets for x in ("--set", s)),
+    ]
 
 
 def link_inputs(main_root: str, root: str) -> None:
@@ -193,7 +215,8 @@ def variant_figures(capfilt_url: str, truth_url: str) -> dict:
     agreement = filter_agreement(capfilt_url, truth_url)
     return {
         "capfilt": capfilt_url,
-        "filter_auc": agreement["filter_auc"], "noise_rate_after": agreement["noise_rate_after"],
+        "filter_auc": agreement["filter_auc"],
+        "noise_rate_after": agreement["noise_rate_after"],
         "web_kept_share": 1 - agreement["removed"] / max(agreement["web_rows"], 1),
         **synthetic_figures(capfilt_url, truth_url),
     }
@@ -209,31 +232,53 @@ def run_ablations(config: str, root: str, sets: list[str], ablation_root: str, r
     variants = result.setdefault("variants", {})
     result["root"], result["paper"] = ablation_root, PAPER
     variants["nucleus"] = variants["separate"] = {
-        **variant_figures(rr.round(1, "capfilt"), truth), "seconds": {},
-        "what": "the main run: nucleus sampling (top_p 0.9), separate captioner and filter"}
+        **variant_figures(rr.round(1, "capfilt"), truth),
+        "seconds": {},
+        "what": "the main run: nucleus sampling (top_p 0.9), separate captioner and filter",
+    }
 
     def caption_filter(label: str, variant_root: str, captioner: str, filter_: str, *more: str) -> float:
-        return run_stage(f"{label}: caption-filter", stage_cmd(
-            "caption-filter", config, variant_root,
-            [*sets, *more, f"capfilt.captioner={captioner}", f"capfilt.filter={filter_}"]))
+        return run_stage(
+            f"{label}: caption-filter",
+            stage_cmd(
+                "caption-filter",
+                config,
+                variant_root,
+                [*sets, *more, f"capfilt.captioner={captioner}", f"capfilt.filter={filter_}"],
+            ),
+        )
 
     beam_root = storage.join(ablation_root, "beam")
     link_inputs(root, beam_root)
-    seconds = {"caption_filter": caption_filter("beam", beam_root, model["captioner"], model["filter"],
-                                                "capfilt.method=beam")}
-    variants["beam"] = {**variant_figures(storage.RunRoot(beam_root).round(1, "capfilt"), truth), "seconds": seconds,
-                        "what": f"beam search ({beams} beams), the main run's captioner and filter"}
+    seconds = {
+        "caption_filter": caption_filter("beam", beam_root, model["captioner"], model["filter"], "capfilt.method=beam")
+    }
+    variants["beam"] = {
+        **variant_figures(storage.RunRoot(beam_root).round(1, "capfilt"), truth),
+        "seconds": seconds,
+        "what": f"beam search ({beams} beams), the main run's captioner and filter",
+    }
 
     shared_root = storage.join(ablation_root, "shared")
     shared_job = storage.RunRoot(shared_root).round(1, "shared")
     link_inputs(root, shared_root)
-    seconds = {"finetune": run_stage("shared: finetune --role shared", stage_cmd(
-        "finetune", config, shared_root, [*sets, f"train.shared.init={model['pretrain']}"], "--role", "shared"))}
+    seconds = {
+        "finetune": run_stage(
+            "shared: finetune --role shared",
+            stage_cmd(
+                "finetune", config, shared_root, [*sets, f"train.shared.init={model['pretrain']}"], "--role", "shared"
+            ),
+        )
+    }
     shared_model = storage.join(shared_job, "model")
     seconds["caption_filter"] = caption_filter("shared", shared_root, shared_model, shared_model)
-    variants["shared"] = {**variant_figures(storage.RunRoot(shared_root).round(1, "capfilt"), truth), "seconds": seconds,
-                          "what": "one model fine-tuned with LM + ITC + ITM from round 1's pre-trained model, used "
-                                  "as captioner and filter", "finetune_eval": storage.read_commit(shared_job).get("eval")}
+    variants["shared"] = {
+        **variant_figures(storage.RunRoot(shared_root).round(1, "capfilt"), truth),
+        "seconds": seconds,
+        "what": "one model fine-tuned with LM + ITC + ITM from round 1's pre-trained model, used "
+        "as captioner and filter",
+        "finetune_eval": storage.read_commit(shared_job).get("eval"),
+    }
 
     n, b, sep, sh = (variants[k] for k in ("nucleus", "beam", "separate", "shared"))
     result["consistent_with_paper"] = {
@@ -258,32 +303,48 @@ def ablation_table(a: dict) -> str:
     def minutes(x: dict) -> str:
         return f"{sum(x['seconds'].values()) / 60:.1f}" if x.get("seconds") else "main"
 
-    rows = [("captioner: nucleus p=0.9 (main run)", "nucleus"), ("captioner: beam search", "beam"),
-            ("captioner + filter: separate (main run)", "separate"), ("captioner + filter: shared", "shared")]
-    lines = [f"{'variant':40} {'filter':>6} {'noise':>6} {'synth':>6} {'synth':>7} {'capt.':>6} {'kept':>6} "
-             f"{'divers-':>7} {'min':>5}",
-             f"{'':40} {'AUC':>6} {'after':>6} {'kept':>6} {'removed':>7} {'acc.%':>6} {'acc.%':>6} {'ity':>7} {'':>5}"]
+    rows = [
+        ("captioner: nucleus p=0.9 (main run)", "nucleus"),
+        ("captioner: beam search", "beam"),
+        ("captioner + filter: separate (main run)", "separate"),
+        ("captioner + filter: shared", "shared"),
+    ]
+    lines = [
+        f"{'variant':40} {'filter':>6} {'noise':>6} {'synth':>6} {'synth':>7} {'capt.':>6} {'kept':>6} "
+        f"{'divers-':>7} {'min':>5}",
+        f"{'':40} {'AUC':>6} {'after':>6} {'kept':>6} {'removed':>7} {'acc.%':>6} {'acc.%':>6} {'ity':>7} {'':>5}",
+    ]
     for label, k in rows:
         if k not in v:
             lines.append(f"{label:40} (not run)")
             continue
         x = v[k]
-        lines.append(f"{label:40} {x['filter_auc']:>6.3f} {x['noise_rate_after']:>6.3f} "
-                     f"{x['synthetic_kept_share']:>6.1%} {1 - x['synthetic_kept_share']:>7.1%} "
-                     f"{x['captioner_attribute_accuracy']:>6.1f} "
-                     f"{x['kept_synthetic_attribute_accuracy']:>6.1f} {x['caption_diversity']:>7.3f} {minutes(x):>5}")
-    lines += ["", "synth removed: the paper's \"noise ratio\"; capt. acc.: attribute accuracy of all synthetic "
-              "captions, kept acc.: of the kept ones;", "diversity: distinct / total synthetic captions; min: wall "
-              "minutes of the stages this run ran (a committed stage is skipped).", "",
-              f"paper, decoding: {PAPER['decoding']}.", f"paper, sharing: {PAPER['sharing']}."]
+        lines.append(
+            f"{label:40} {x['filter_auc']:>6.3f} {x['noise_rate_after']:>6.3f} "
+            f"{x['synthetic_kept_share']:>6.1%} {1 - x['synthetic_kept_share']:>7.1%} "
+            f"{x['captioner_attribute_accuracy']:>6.1f} "
+            f"{x['kept_synthetic_attribute_accuracy']:>6.1f} {x['caption_diversity']:>7.3f} {minutes(x):>5}"
+        )
+    lines += [
+        "",
+        'synth removed: the paper\'s "noise ratio"; capt. acc.: attribute accuracy of all synthetic '
+        "captions, kept acc.: of the kept ones;",
+        "diversity: distinct / total synthetic captions; min: wall "
+        "minutes of the stages this run ran (a committed stage is skipped).",
+        "",
+        f"paper, decoding: {PAPER['decoding']}.",
+        f"paper, sharing: {PAPER['sharing']}.",
+    ]
     c = a.get("consistent_with_paper")
     if c:
         yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
-        lines += [f"here: nucleus noisier than beam (filter removes more) {yes(c['nucleus_noisier_than_beam'])}, "
-                  f"more diverse {yes(c['nucleus_more_diverse_than_beam'])}; shared filter keeps more synthetic captions "
-                  f"{yes(c['shared_filter_keeps_more_synthetic'])}, is less selective (kept - all accuracy) "
-                  f"{yes(c['shared_filter_less_selective'])}.",
-                  "(the next round's downstream gain is not measured by the cheap ablations)"]
+        lines += [
+            f"here: nucleus noisier than beam (filter removes more) {yes(c['nucleus_noisier_than_beam'])}, "
+            f"more diverse {yes(c['nucleus_more_diverse_than_beam'])}; shared filter keeps more synthetic captions "
+            f"{yes(c['shared_filter_keeps_more_synthetic'])}, is less selective (kept - all accuracy) "
+            f"{yes(c['shared_filter_less_selective'])}.",
+            "(the next round's downstream gain is not measured by the cheap ablations)",
+        ]
     if a.get("error"):
         lines.append(f"ablations stopped: {a['error']}")
     return "\n".join(lines)
@@ -303,16 +364,21 @@ def main() -> int:
     p.add_argument("--root", default=None, help="run root; default runs/experiment-<config>-s<seed>-n<rate>")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
-                   help="then the cheap ablations: beam search, a shared captioner and filter (default: on)")
+    p.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then the cheap ablations: beam search, a shared captioner and filter (default: on)",
+    )
     p.add_argument("--ablation-root", default=None, help="default: <root>-ablations")
     args = p.parse_args()
     name = Path(args.config).stem
     root = args.root or f"runs/experiment-{name}-s{args.seed}-n{args.noise_rate}"
     sets = [f"seed={args.seed}", f"world.noise_rate={args.noise_rate}", *args.overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run([CAPFILT, "bootstrap", "--config", args.config, "--root", root,
-                           *(x for s in sets for x in ("--set", s))])
+    proc = subprocess.run(
+        [CAPFILT, "bootstrap", "--config", args.config, "--root", root, *(x for s in sets for x in ("--set", s))]
+    )
     if proc.returncode:
         print(f"capfilt bootstrap failed ({proc.returncode}); rerun to resume", file=sys.stderr)
         return proc.returncode

@@ -4,6 +4,7 @@
 them (see convert.py). Nothing is ever unpickled beyond tensors (``torch.load(weights_only=True)``). The class
 of a checkpoint's ``task`` comes from ``registry`` (the models build on this module, not the other way round).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,7 +91,9 @@ def checkpoint_id(directory: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, map_location: str | torch.device = "cpu"):
+def load_pretrained(
+    path: str | os.PathLike, *, image_size: int | None = None, map_location: str | torch.device = "cpu"
+):
     """Load any supported checkpoint; ``image_size`` resizes the ViT's position table (e.g. 224 -> 384)."""
 
     p = Path(path)
@@ -134,7 +137,9 @@ def load_pretrained(path: str | os.PathLike, *, image_size: int | None = None, m
         elif meta.get("model_type") == "blip" or any(a.startswith("Blip") for a in meta.get("architectures", [])):
             model = load_hf_blip(p)
         else:
-            raise ValueError(f"{p} is not a BLIP checkpoint (config.json has neither format={FORMAT!r} nor model_type='blip')")
+            raise ValueError(
+                f"{p} is not a BLIP checkpoint (config.json has neither format={FORMAT!r} nor model_type='blip')"
+            )
     elif not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}")
     else:

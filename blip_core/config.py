@@ -3,6 +3,7 @@
 Unknown keys are errors (a typo must not silently build a different model), and the config travels
 with every checkpoint as ``config.json``.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -35,13 +36,15 @@ class VisionConfig(_Strict):
     pos_embed_init: Literal["sincos", "normal"] = "sincos"
 
     @model_validator(mode="after")
-    def _check(self) -> "VisionConfig":
+    def _check(self) -> VisionConfig:
         if self.width % self.heads:
             raise ValueError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
         if self.pos_embed_init == "sincos" and self.width % 4:
             raise ValueError(f"vision.width ({self.width}) must be a multiple of 4 for pos_embed_init 'sincos'")
         if self.image_size % self.patch_size:
-            raise ValueError(f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})")
+            raise ValueError(
+                f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})"
+            )
         return self
 
 
@@ -68,12 +71,14 @@ class TextConfig(_Strict):
     grad_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "TextConfig":
+    def _check(self) -> TextConfig:
         if self.width % self.heads:
             raise ValueError(f"text.width ({self.width}) must be divisible by text.heads ({self.heads})")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "enc_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"text.{name} ({getattr(self, name)}) is outside the vocabulary (size {self.vocab_size})")
+                raise ValueError(
+                    f"text.{name} ({getattr(self, name)}) is outside the vocabulary (size {self.vocab_size})"
+                )
         return self
 
 
@@ -92,19 +97,19 @@ class BlipConfig(_Strict):
     # image of the batch alike. Hard negatives need an encoder that can already tell near-identical captions apart:
     # a tiny model trained from scratch for a few hundred steps on randomly cropped images could not (the demo world,
     # session 3: ITM stayed at the prior of 1 match : 2 non-matches, ~0.64, and the filter kept almost nothing). On
-    # whole images for ~3,000 steps (flows/configs/full.yaml) they work, and beat uniform ones (README).
+    # whole images for ~3,000 steps (flows/configs/full.yaml) they work, and beat uniform ones (docs/EXPERIMENTS.md).
     itm_negatives: Literal["hard", "uniform"] = "hard"
     prompt: str = "a picture of "
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BlipConfig":
+    def from_dict(cls, data: dict) -> BlipConfig:
         try:
             return cls.model_validate(data)
         except ValidationError as err:
             raise ValueError(f"invalid BLIP config: {explain_validation_error(err)}") from None
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "BlipConfig":
+    def preset(cls, name: str, **overrides) -> BlipConfig:
         """Named architectures: 'base' (ViT-B/16 + BERT-base), 'large' (ViT-L/16 + BERT-base), 'tiny' (tests)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -16,6 +16,7 @@ Semantics worth knowing (both sources follow the official code except where note
   (``all_but_sa``) a captioner's cross-attention, FFN and embeddings fill the shared modules, and its encoder
   self-attention stays at initialisation (reported).
 """
+
 from __future__ import annotations
 
 import json
@@ -163,7 +164,9 @@ def _assign(model: torch.nn.Module, state: Mapping[str, torch.Tensor], origin: M
     if missing:
         logger.warning(
             "%s: %d tensors are not in the checkpoint and keep their initialisation: %s",
-            source, len(missing), ", ".join(_summarise(missing)),
+            source,
+            len(missing),
+            ", ".join(_summarise(missing)),
         )
 
 
@@ -200,6 +203,7 @@ def _lm_head_tied(state: Mapping[str, torch.Tensor]) -> bool:
 
 def _detect_sharing(enc: Mapping[str, torch.Tensor], dec: Mapping[str, torch.Tensor]) -> str:
     """Which of the paper's sharing schemes a checkpoint with both stacks used: the tensors that are equal."""
+
     def same(part: str) -> bool:
         keys = [k for k in dec if part in k]
         if not keys:
@@ -213,13 +217,19 @@ def _detect_sharing(enc: Mapping[str, torch.Tensor], dec: Mapping[str, torch.Ten
     if not (same("decoder_embeddings.") and same(".ffn.")):
         return "none"
     sa, ca = same(".self_attn."), same(".cross_attn.")
-    return {(True, True): "all", (False, True): "all_but_sa", (True, False): "all_but_ca", (False, False): "none"}[(sa, ca)]
+    return {(True, True): "all", (False, True): "all_but_sa", (True, False): "all_but_ca", (False, False): "none"}[
+        (sa, ca)
+    ]
 
 
 def _tokenizer_for(vocab_size: int, source: str) -> BlipTokenizer | None:
     """bert-base-uncased + [DEC]/[ENC] (what every official checkpoint was trained with), when its size fits."""
     if vocab_size != 30524:
-        logger.warning("%s: vocabulary of %d ids is not bert-base-uncased + [DEC]/[ENC]; loading without a tokenizer", source, vocab_size)
+        logger.warning(
+            "%s: vocabulary of %d ids is not bert-base-uncased + [DEC]/[ENC]; loading without a tokenizer",
+            source,
+            vocab_size,
+        )
         return None
     try:
         return BlipTokenizer.bert_base_uncased()
@@ -265,7 +275,9 @@ def load_hf_blip(directory: str | os.PathLike):
         tok = BlipTokenizer.from_pretrained(d)
     vocab = tc.get("vocab_size", 30524)
     if tok is not None and tok.vocab_size != vocab:
-        logger.warning("%s: tokenizer has %d ids but the model %d; loading without the tokenizer", source, tok.vocab_size, vocab)
+        logger.warning(
+            "%s: tokenizer has %d ids but the model %d; loading without the tokenizer", source, tok.vocab_size, vocab
+        )
         tok = None
     ids = {
         "pad_token_id": tc.get("pad_token_id", 0),
@@ -278,44 +290,54 @@ def load_hf_blip(directory: str | os.PathLike):
         ids["cls_token_id"], ids["enc_token_id"] = 101, ids["bos_token_id"] + 1
     for name, value in ids.items():
         if value is None or not 0 <= value < vocab:
-            raise ValueError(f"{source}: cannot determine text.{name} ({value}) within the vocabulary of {vocab}; add tokenizer files")
+            raise ValueError(
+                f"{source}: cannot determine text.{name} ({value}) within the vocabulary of {vocab}; add tokenizer files"
+            )
 
     text_depth = tc.get("num_hidden_layers", 12)
     for stack in ("encoder", "decoder"):
         n = _layer_count(state, rf"text\.{stack}\.(\d+)\.")
         if n and n != text_depth:
-            raise ValueError(f"{source}: text_config.num_hidden_layers is {text_depth} but the checkpoint has {n} text layers")
+            raise ValueError(
+                f"{source}: text_config.num_hidden_layers is {text_depth} but the checkpoint has {n} text layers"
+            )
     vision_depth = vc.get("num_hidden_layers", 12)
     n = _layer_count(state, r"vision\.blocks\.(\d+)\.")
     if n != vision_depth:
-        raise ValueError(f"{source}: vision_config.num_hidden_layers is {vision_depth} but the checkpoint has {n} vision layers")
+        raise ValueError(
+            f"{source}: vision_config.num_hidden_layers is {vision_depth} but the checkpoint has {n} vision layers"
+        )
     width = vc.get("hidden_size", 768)
     image_size, patch_size = vc.get("image_size", 384), vc.get("patch_size", 16)
     if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
-        raise ValueError(f"{source}: only square images and patches are supported (image_size={image_size}, patch_size={patch_size})")
-    config = BlipConfig.from_dict({
-        "vision": {
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "width": width,
-            "depth": vision_depth,
-            "heads": vc.get("num_attention_heads", 12),
-            "mlp_ratio": vc.get("intermediate_size", 3072) / width,
-            "layer_norm_eps": vc.get("layer_norm_eps", 1e-5),
-        },
-        "text": {
-            "vocab_size": vocab,
-            "width": tc.get("hidden_size", 768),
-            "depth": text_depth,
-            "heads": tc.get("num_attention_heads", 8),
-            "intermediate_size": tc.get("intermediate_size", 3072),
-            "max_positions": tc.get("max_position_embeddings", 512),
-            "layer_norm_eps": tc.get("layer_norm_eps", 1e-12),
-            "tie_word_embeddings": _lm_head_tied(state),
-            **ids,
-        },
-        "embed_dim": hf.get("image_text_hidden_size", 256),
-    })
+        raise ValueError(
+            f"{source}: only square images and patches are supported (image_size={image_size}, patch_size={patch_size})"
+        )
+    config = BlipConfig.from_dict(
+        {
+            "vision": {
+                "image_size": image_size,
+                "patch_size": patch_size,
+                "width": width,
+                "depth": vision_depth,
+                "heads": vc.get("num_attention_heads", 12),
+                "mlp_ratio": vc.get("intermediate_size", 3072) / width,
+                "layer_norm_eps": vc.get("layer_norm_eps", 1e-5),
+            },
+            "text": {
+                "vocab_size": vocab,
+                "width": tc.get("hidden_size", 768),
+                "depth": text_depth,
+                "heads": tc.get("num_attention_heads", 8),
+                "intermediate_size": tc.get("intermediate_size", 3072),
+                "max_positions": tc.get("max_position_embeddings", 512),
+                "layer_norm_eps": tc.get("layer_norm_eps", 1e-12),
+                "tie_word_embeddings": _lm_head_tied(state),
+                **ids,
+            },
+            "embed_dim": hf.get("image_text_hidden_size", 256),
+        }
+    )
     model = model_class("pretrain")(config, tok)  # BlipModel, registered by model.py
     _assign(model, state, origin, source)
     logger.info("imported %s (%s)", source, ", ".join(archs) or "BLIP")
@@ -327,7 +349,7 @@ def _hf_key(key: str) -> str | None:
     if key.endswith("position_ids"):
         return ""
     if key.startswith("vision_model."):
-        rest = key[len("vision_model."):]
+        rest = key[len("vision_model.") :]
         if rest in _HF_VISION:
             return "vision." + _HF_VISION[rest]
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.([\w.]+)\.(weight|bias)", rest)
@@ -335,11 +357,11 @@ def _hf_key(key: str) -> str | None:
             return f"vision.blocks.{m.group(1)}.{_HF_VISION_LAYER[m.group(2)]}.{m.group(3)}"
         return None
     if key.startswith("text_encoder."):
-        return bert_text_key(key[len("text_encoder."):], "encoder")
+        return bert_text_key(key[len("text_encoder.") :], "encoder")
     if key.startswith("text_decoder.bert."):
-        return bert_text_key(key[len("text_decoder.bert."):], "decoder")
+        return bert_text_key(key[len("text_decoder.bert.") :], "decoder")
     if key.startswith("text_decoder.cls."):
-        rest = key[len("text_decoder."):]
+        rest = key[len("text_decoder.") :]
         return "text.lm_head." + _LM_HEAD[rest] if rest in _LM_HEAD else None
     head = key.split(".", 1)[0]
     if head in _HEADS and key.rsplit(".", 1)[-1] in ("weight", "bias"):
@@ -380,7 +402,8 @@ def load_official_pth(path: str | os.PathLike):
         logger.warning(
             "%s: its text encoder and decoder share no weights. Official pre-trained checkpoints share all but "
             "self-attention; a VQA checkpoint looks like this, and its decoder attends to the question's encoding, "
-            "not to the image: this import treats the decoder as an image captioner", source,
+            "not to the image: this import treats the decoder as an image captioner",
+            source,
         )
     state = {**enc, **dec, **other}
     try:
@@ -390,24 +413,36 @@ def load_official_pth(path: str | os.PathLike):
     model = model_class("pretrain")(config, _tokenizer_for(config.text.vocab_size, source))  # BlipModel
     _assign(model, state, origin, source)
     kind = "pre-trained" if enc and dec else "captioning" if dec else "retrieval"
-    logger.info("imported %s: %s, ViT %s/%d at %d px, sharing %s", source, kind,
-                "L" if config.vision.width == 1024 else "B", config.vision.patch_size, config.vision.image_size, sharing)
+    logger.info(
+        "imported %s: %s, ViT %s/%d at %d px, sharing %s",
+        source,
+        kind,
+        "L" if config.vision.width == 1024 else "B",
+        config.vision.patch_size,
+        config.vision.image_size,
+        sharing,
+    )
     return model
 
 
 def _official_key(key: str) -> tuple[str | None, str]:
     """(our name, which part) for an official key; part ``drop`` for training-only state (momentum, queues)."""
     head = key.split(".", 1)[0]
-    if head.endswith("_m") or head.endswith("_queue") or head in ("queue_ptr", "ptr_queue") or key.endswith("position_ids"):
+    if (
+        head.endswith("_m")
+        or head.endswith("_queue")
+        or head in ("queue_ptr", "ptr_queue")
+        or key.endswith("position_ids")
+    ):
         return None, "drop"
     if head == "visual_encoder":
-        return "vision." + key[len("visual_encoder."):], "vision"
+        return "vision." + key[len("visual_encoder.") :], "vision"
     if head == "text_encoder":
-        return bert_text_key(key[len("text_encoder."):], "encoder"), "encoder"
+        return bert_text_key(key[len("text_encoder.") :], "encoder"), "encoder"
     if key.startswith("text_decoder.bert."):
-        return bert_text_key(key[len("text_decoder.bert."):], "decoder"), "decoder"
+        return bert_text_key(key[len("text_decoder.bert.") :], "decoder"), "decoder"
     if key.startswith("text_decoder.cls."):
-        rest = key[len("text_decoder."):]
+        rest = key[len("text_decoder.") :]
         return ("text.lm_head." + _LM_HEAD[rest] if rest in _LM_HEAD else None), "decoder"
     if head in _HEADS or key == "temp":
         return key, "heads"
@@ -423,7 +458,9 @@ def official_config(state: Mapping[str, torch.Tensor], sharing: str = "all_but_s
     patch = state["vision.patch_embed.proj.weight"].shape[-1]
     side = int(round((state["vision.pos_embed"].shape[1] - 1) ** 0.5))
     if side * side != state["vision.pos_embed"].shape[1] - 1:
-        raise ValueError(f"visual_encoder.pos_embed has {state['vision.pos_embed'].shape[1]} rows: not 1 + a square grid")
+        raise ValueError(
+            f"visual_encoder.pos_embed has {state['vision.pos_embed'].shape[1]} rows: not 1 + a square grid"
+        )
     vdepth = _layer_count(keys, r"vision\.blocks\.(\d+)\.")
     stack = "encoder" if any(k.startswith("text.encoder.") for k in keys) else "decoder"
     emb = "embeddings" if stack == "encoder" else "decoder_embeddings"
@@ -461,12 +498,16 @@ def official_config(state: Mapping[str, torch.Tensor], sharing: str = "all_but_s
 # --- BERT -> MED ---------------------------------------------------------------------------------------------
 def _bert_config(directory: Path) -> dict:
     cfg = json.loads((directory / "config.json").read_text())
-    if cfg.get("model_type") not in ("bert", None) and not any(a.startswith("Bert") for a in cfg.get("architectures", [])):
+    if cfg.get("model_type") not in ("bert", None) and not any(
+        a.startswith("Bert") for a in cfg.get("architectures", [])
+    ):
         raise ValueError(f"{directory} holds a {cfg.get('model_type')!r} model, not BERT")
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{directory}: hidden_act={cfg['hidden_act']!r}; the MED uses exact GELU")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{directory}: position_embedding_type={cfg['position_embedding_type']!r}; only 'absolute' is supported")
+        raise ValueError(
+            f"{directory}: position_embedding_type={cfg['position_embedding_type']!r}; only 'absolute' is supported"
+        )
     return cfg
 
 
@@ -515,13 +556,17 @@ def load_bert_into_med(med, directory: str | os.PathLike) -> None:
         state[k.removeprefix("bert.")] = v
     tc = med.cfg
     expected = {
-        "hidden_size": tc.width, "num_hidden_layers": tc.depth, "num_attention_heads": tc.heads,
+        "hidden_size": tc.width,
+        "num_hidden_layers": tc.depth,
+        "num_attention_heads": tc.heads,
         "intermediate_size": tc.intermediate_size,
     }
     wrong = {k: (cfg.get(k), v) for k, v in expected.items() if cfg.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: BERT {a} vs text config {b}" for k, (a, b) in wrong.items())
-        raise ValueError(f"{source} does not fit the text transformer ({detail}); build the config with text_config_from_bert()")
+        raise ValueError(
+            f"{source} does not fit the text transformer ({detail}); build the config with text_config_from_bert()"
+        )
 
     def take(key: str) -> torch.Tensor:
         if key not in state:
@@ -536,9 +581,16 @@ def load_bert_into_med(med, directory: str | os.PathLike) -> None:
     if n_vocab > tc.vocab_size:
         raise ValueError(f"{source}: its {n_vocab}-token vocabulary does not fit text.vocab_size={tc.vocab_size}")
     if tc.max_positions > pos.shape[0]:
-        logger.warning("%s: positions %d..%d are not in BERT and keep their initialisation", source, pos.shape[0], tc.max_positions - 1)
+        logger.warning(
+            "%s: positions %d..%d are not in BERT and keep their initialisation",
+            source,
+            pos.shape[0],
+            tc.max_positions - 1,
+        )
     with torch.no_grad():
-        embeddings = [med.embeddings] + ([med.decoder_embeddings] if med.decoder_embeddings is not med.embeddings else [])
+        embeddings = [med.embeddings] + (
+            [med.decoder_embeddings] if med.decoder_embeddings is not med.embeddings else []
+        )
         for e in embeddings:
             e.word.weight[:n_vocab].copy_(word)
             e.position.weight[:n_pos].copy_(pos[:n_pos])
@@ -558,9 +610,14 @@ def load_bert_into_med(med, directory: str | os.PathLike) -> None:
         bias = state.get("cls.predictions.bias", state.get("cls.predictions.decoder.bias"))
         if bias is not None:
             med.lm_head.decoder.bias[:n_vocab].copy_(bias)
-        if "cls.predictions.decoder.weight" in state and med.lm_head.decoder.weight is not med.decoder_embeddings.word.weight:
+        if (
+            "cls.predictions.decoder.weight" in state
+            and med.lm_head.decoder.weight is not med.decoder_embeddings.word.weight
+        ):
             med.lm_head.decoder.weight[:n_vocab].copy_(state["cls.predictions.decoder.weight"])
     logger.info(
         "initialised the text transformer from %s (%d layers%s); cross-attention stays at its initialisation",
-        source, tc.depth, ", MLM head" if head else "",
+        source,
+        tc.depth,
+        ", MLM head" if head else "",
     )

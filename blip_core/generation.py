@@ -6,6 +6,7 @@ samples (the decoder folds them into the query axis), the prompt is run once per
 transformers' beam search (length penalty over generated tokens, its early-stop heuristic), so both give
 the same captions on the same weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,9 +62,17 @@ def beam_search(
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError("greedy decoding (num_beams=1) returns one sequence per image")
-        return greedy(med, image_embeds, prompt_ids, max_length=max_length, min_length=min_length,
-                      repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      context_mask=context_mask)
+        return greedy(
+            med,
+            image_embeds,
+            prompt_ids,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            context_mask=context_mask,
+        )
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
     B, nb, dev = image_embeds.shape[0], num_beams, image_embeds.device
@@ -116,7 +125,9 @@ def beam_search(
 
         cur_len += 1
         best_running = running_scores[:, :1] / float(cur_len - plen) ** length_penalty
-        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.full_like(finished_scores, NEG))
+        worst = torch.where(
+            is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.full_like(finished_scores, NEG)
+        )
         improvable = improvable & (best_running > worst).any(dim=1, keepdim=True)
         if not bool(improvable.any()) or bool(hits.all()) or cur_len >= max_length:
             break
@@ -142,13 +153,35 @@ def greedy(
     context_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy decoding: the most likely token at every step; finished sequences are padded."""
-    return _decode_loop(med, image_embeds, prompt_ids, 1, None, max_length=max_length, min_length=min_length,
-                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                        context_mask=context_mask)
+    return _decode_loop(
+        med,
+        image_embeds,
+        prompt_ids,
+        1,
+        None,
+        max_length=max_length,
+        min_length=min_length,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        context_mask=context_mask,
+    )
 
 
-def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_length, repetition_penalty, eos_token_id,
-                 pad_token_id, context_mask=None):
+def _decode_loop(
+    med,
+    image_embeds,
+    prompt_ids,
+    k,
+    choose,
+    *,
+    max_length,
+    min_length,
+    repetition_penalty,
+    eos_token_id,
+    pad_token_id,
+    context_mask=None,
+):
     """Shared loop of greedy decoding and sampling: ``choose(scores, step)`` picks tokens (argmax if None)."""
     B, dev = image_embeds.shape[0], image_embeds.device
     plen = prompt_ids.shape[1]
@@ -175,7 +208,9 @@ def _decode_loop(med, image_embeds, prompt_ids, k, choose, *, max_length, min_le
 def _lengths(seqs: torch.Tensor, eos_token_id: int, plen: int) -> torch.Tensor:
     """Length of each sequence up to and including its first EOS after the prompt (or the full width)."""
     is_eos = seqs[:, plen:] == eos_token_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long))
+    first = torch.where(
+        is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long)
+    )
     return first + plen
 
 
@@ -232,11 +267,23 @@ def nucleus_sample(
         pick = torch.searchsorted(cdf, uniforms[:, step : step + 1] * cdf[:, -1:])
         return pick.clamp_max(cdf.shape[1] - 1).squeeze(1)
 
-    return _decode_loop(med, image_embeds, prompt_ids, k, choose, max_length=max_length, min_length=min_length,
-                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return _decode_loop(
+        med,
+        image_embeds,
+        prompt_ids,
+        k,
+        choose,
+        max_length=max_length,
+        min_length=min_length,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
 
 
-def nucleus_threshold(logits: torch.Tensor, top_p: float, top_k: int = 0, head: int = 64, bins: int = 8192) -> torch.Tensor:
+def nucleus_threshold(
+    logits: torch.Tensor, top_p: float, top_k: int = 0, head: int = 64, bins: int = 8192
+) -> torch.Tensor:
     """The logit of the last token of each row's nucleus [B, 1]: the nucleus is every token whose logit is at least
     this (the smallest top set whose probability reaches ``top_p``, at most ``top_k`` tokens when > 0). Token i
     (in descending order) is kept when the probability of the tokens before it is < top_p.
@@ -263,7 +310,9 @@ def nucleus_threshold(logits: torch.Tensor, top_p: float, top_k: int = 0, head: 
     return _threshold_from_descending(ordered, torch.exp(ordered.double() - log_z), top_p, top_k)
 
 
-def _threshold_by_bins(values: torch.Tensor, log_z: torch.Tensor, need: torch.Tensor | float, bins: int) -> torch.Tensor:
+def _threshold_by_bins(
+    values: torch.Tensor, log_z: torch.Tensor, need: torch.Tensor | float, bins: int
+) -> torch.Tensor:
     """Nucleus threshold of rows of logits (-inf = no token) that must still gather probability ``need``; the
     boundary bin's tokens are binned again until few enough to sort."""
     x = values.double()
@@ -282,7 +331,7 @@ def _threshold_by_bins(values: torch.Tensor, log_z: torch.Tensor, need: torch.Te
     rows, cols = in_bin.nonzero(as_tuple=True)
     cand = torch.full((x.shape[0], int(slot[:, -1].max()) + 1), float("-inf"), dtype=values.dtype, device=values.device)
     cand[rows, slot[rows, cols]] = values[rows, cols]
-    if cand.shape[1] > 4 * bins ** 0.5 and cand.shape[1] < values.shape[1]:
+    if cand.shape[1] > 4 * bins**0.5 and cand.shape[1] < values.shape[1]:
         return _threshold_by_bins(cand, log_z, need - before, bins)
     cand = cand.sort(dim=-1, descending=True).values
     cand_mass = torch.exp(cand.double() - log_z)

@@ -5,6 +5,7 @@ encoders and projections, and the image/text/id queues. One call returns every a
 With torch.distributed initialised, momentum features and image ids are gathered from all ranks before the
 ITC loss and the queue update, so N ranks with batch b give the loss of one process with batch N*b.
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,16 +80,25 @@ def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[to
     return torch.multinomial(weights, 1).squeeze(1), valid
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int, prompt_length: int = 0,
-            label_smoothing: float = 0.1, per_sequence: bool = False) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    pad_token_id: int,
+    prompt_length: int = 0,
+    label_smoothing: float = 0.1,
+    per_sequence: bool = False,
+) -> torch.Tensor:
     """Next-token cross-entropy with label smoothing; padding and (optionally) prompt tokens ignored. The mean
     over all target tokens, or with ``per_sequence`` each sequence's sum [B] (VQA weighs and ranks answers so)."""
     targets = input_ids.masked_fill(input_ids == pad_token_id, -100)
     if prompt_length:
         targets[:, :prompt_length] = -100
     loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
-        ignore_index=-100, label_smoothing=label_smoothing, reduction="none" if per_sequence else "mean",
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets[:, 1:].reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="none" if per_sequence else "mean",
     )
     return loss.view(input_ids.shape[0], -1).sum(1) if per_sequence else loss
 
@@ -120,11 +130,23 @@ class BlipLosses(nn.Module):
     def _online_params(self) -> list[nn.Parameter]:
         m = self.model
         enc = [p for layer in m.text.encoder for mod in (layer.self_attn, layer.ffn) for p in mod.parameters()]
-        return [*m.vision.parameters(), *m.vision_proj.parameters(), *m.text.embeddings.parameters(), *enc, *m.text_proj.parameters()]
+        return [
+            *m.vision.parameters(),
+            *m.vision_proj.parameters(),
+            *m.text.embeddings.parameters(),
+            *enc,
+            *m.text_proj.parameters(),
+        ]
 
     def _momentum_params(self) -> list[nn.Parameter]:
         enc = [p for layer in self.text_encoder_m for mod in (layer.self_attn, layer.ffn) for p in mod.parameters()]
-        return [*self.vision_m.parameters(), *self.vision_proj_m.parameters(), *self.text_embeddings_m.parameters(), *enc, *self.text_proj_m.parameters()]
+        return [
+            *self.vision_m.parameters(),
+            *self.vision_proj_m.parameters(),
+            *self.text_embeddings_m.parameters(),
+            *enc,
+            *self.text_proj_m.parameters(),
+        ]
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -179,7 +201,9 @@ class BlipLosses(nn.Module):
         images = m.check_images(images)  # once, for the online and the momentum encoders alike
         b = images.shape[0]
         if input_ids.shape[0] != b or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"one text per image: {b} images, input_ids {list(input_ids.shape)}, attention_mask {list(attention_mask.shape)}")
+            raise ValueError(
+                f"one text per image: {b} images, input_ids {list(input_ids.shape)}, attention_mask {list(attention_mask.shape)}"
+            )
         if image_ids is not None and len(image_ids) != b:
             raise ValueError(f"image_ids must give one id per image: {b} images, {len(image_ids)} ids")
         if image_ids is None:
@@ -204,8 +228,18 @@ class BlipLosses(nn.Module):
                 img_m_all = torch.cat([img_m_batch, self.image_queue.clone()])
                 txt_m_all = torch.cat([txt_m_batch, self.text_queue.clone()])
                 idx_all = torch.cat([idx_batch, self.idx_queue.clone()])
-            losses["itc"] = itc_loss(image_feat, text_feat, img_m_all, txt_m_all, image_feat_m, text_feat_m,
-                                     image_ids, idx_all, m.temp, alpha)
+            losses["itc"] = itc_loss(
+                image_feat,
+                text_feat,
+                img_m_all,
+                txt_m_all,
+                image_feat_m,
+                text_feat_m,
+                image_ids,
+                idx_all,
+                m.temp,
+                alpha,
+            )
             self.enqueue(img_m_batch, txt_m_batch, idx_batch)
         if "itm" in objectives:
             losses["itm"] = self._itm(image_embeds, image_feat, text_feat, input_ids, attention_mask, image_ids)

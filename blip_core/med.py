@@ -9,6 +9,7 @@ Encoder and decoder are two stacks of layers whose sub-modules are shared accord
 ``BlipConfig.sharing`` (the paper's Table 3): sharing is by module identity, so a shared weight is one
 tensor whatever name reaches it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ class TextEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
         n, limit = past_length + input_ids.shape[1], self.position.num_embeddings
         if n > limit:
-            raise ValueError(f"{n} token positions exceed text.max_positions ({limit}): use shorter texts or a smaller max_length")
+            raise ValueError(
+                f"{n} token positions exceed text.max_positions ({limit}): use shorter texts or a smaller max_length"
+            )
         pos = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
         return self.dropout(self.norm(self.word(input_ids) + self.position(pos)))
 
@@ -76,8 +79,11 @@ class Attention(nn.Module):
         q = self.split(self.q(x))
         new_past = None
         if isinstance(kv, torch.Tensor):
-            return F.dropout(self.out(self.attend_unprojected(q, kv, mask).transpose(1, 2).reshape(b, t, w)),
-                             self.dropout, self.training), None
+            return F.dropout(
+                self.out(self.attend_unprojected(q, kv, mask).transpose(1, 2).reshape(b, t, w)),
+                self.dropout,
+                self.training,
+            ), None
         if kv is None:
             k, v = self.split(self.k(x)), self.split(self.v(x))
             if past is not None:
@@ -92,7 +98,11 @@ class Attention(nn.Module):
             # image's keys and values are never copied per sequence. A context mask is per image ([B', 1, 1, N]),
             # so it broadcasts over the folded queries.
             assert mask is None or (mask.shape[0] == k.shape[0] and mask.shape[2] == 1), "mask must be [B', 1, 1, N]"
-            qf = q.view(k.shape[0], groups, self.heads, t, -1).transpose(1, 2).reshape(k.shape[0], self.heads, groups * t, -1)
+            qf = (
+                q.view(k.shape[0], groups, self.heads, t, -1)
+                .transpose(1, 2)
+                .reshape(k.shape[0], self.heads, groups * t, -1)
+            )
             ctx = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=drop)
             ctx = ctx.view(k.shape[0], self.heads, groups, t, -1).transpose(1, 2).reshape(b, self.heads, t, -1)
         else:
@@ -207,9 +217,13 @@ class MED(nn.Module):
         img_mask = padding_mask(image_mask, x.dtype)
         # One-shot cross-attention (each layer's image keys/values used once): skip projecting the image tokens when
         # that is cheaper. Every layer has the same shapes, so the first one decides.
-        unprojected = (image_embeds is not None and not self.training
-                       and self.encoder[0].cross_attn.unprojected_is_cheaper(
-                           input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:]))
+        unprojected = (
+            image_embeds is not None
+            and not self.training
+            and self.encoder[0].cross_attn.unprojected_is_cheaper(
+                input_ids.shape[0] // image_embeds.shape[0] * input_ids.shape[1], *image_embeds.shape[1:]
+            )
+        )
         for layer in self.encoder:
             if image_embeds is None or unprojected:  # the raw image tokens: attend_unprojected
                 kv = image_embeds
@@ -284,6 +298,8 @@ class MED(nn.Module):
             for k, v in layer.state_dict().items():
                 out[f"encoder.{i}.{k}"] = out[f"decoder.{i}.{k}"] = v
         out.update({f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()})
-        if self.cfg.tie_word_embeddings:  # the LM head reads this stack's own embeddings (they differ with sharing="none")
+        if (
+            self.cfg.tie_word_embeddings
+        ):  # the LM head reads this stack's own embeddings (they differ with sharing="none")
             out["lm_head.decoder.weight"] = emb.word.weight
         return out

@@ -3,6 +3,7 @@
 Inference entry points take normalised float images [B, 3, H, W] and lists of strings; the ``*_embeds``
 and ``*_ids`` variants take tensors for callers (pipelines, losses) that batch and cache themselves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,16 @@ class BlipBase(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.vocab_size != config.text.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but config.text.vocab_size is {config.text.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but config.text.vocab_size is {config.text.vocab_size}"
+            )
         self.vision = build_vit(config.vision)
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 for autocast at inference
         self.max_text_length = 35
 
     # --- construction / persistence (see checkpoint.py) ------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "BlipBase":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> BlipBase:
         """Our checkpoint directory, a Hugging Face BLIP directory, or an official BLIP ``.pth``. A head's class
         (``BlipVQA``, ``BlipNLVR``) also starts from a pre-trained model's checkpoint (``from_blip``)."""
         model = load_pretrained(path, **kwargs)
@@ -56,7 +59,7 @@ class BlipBase(nn.Module):
         """Writes config.json, model.safetensors and tokenizer.json; returns the checkpoint's content hash."""
         return save_pretrained(self, directory)
 
-    def take_settings(self, other: "BlipBase") -> "BlipBase":
+    def take_settings(self, other: BlipBase) -> BlipBase:
         """Device, mode and inference settings of the model this one was built from (``from_blip``)."""
         self.amp_dtype, self.max_text_length = other.amp_dtype, other.max_text_length
         return self.to(other.device).train(other.training)
@@ -80,7 +83,9 @@ class BlipBase(nn.Module):
             raise TypeError(f"images must be normalised floats, got dtype {images.dtype}")
         p = self.config.vision.patch_size
         if images.shape[2] % p or images.shape[3] % p:
-            raise ValueError(f"image height and width must be multiples of the patch size {p}, got {list(images.shape[2:])}")
+            raise ValueError(
+                f"image height and width must be multiples of the patch size {p}, got {list(images.shape[2:])}"
+            )
         dtype = self.vision.pos_embed.dtype
         return images.to(self.device, dtype=dtype if self.amp_dtype is None else images.dtype)
 
@@ -195,24 +200,40 @@ class BlipModel(BlipBase):
         ids[:, 0] = self.config.text.bos_token_id
         prompt_ids = ids.to(self.device)
         common = dict(
-            max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
-            eos_token_id=self.config.text.sep_token_id, pad_token_id=self.config.text.pad_token_id,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=self.config.text.sep_token_id,
+            pad_token_id=self.config.text.pad_token_id,
         )
         with self.autocast():
             if top_p is not None:
                 out = nucleus_sample(
-                    self.text, image_embeds, prompt_ids, top_p=top_p, top_k=top_k, temperature=temperature,
-                    num_return_sequences=num_return_sequences, seeds=seeds, **common,
+                    self.text,
+                    image_embeds,
+                    prompt_ids,
+                    top_p=top_p,
+                    top_k=top_k,
+                    temperature=temperature,
+                    num_return_sequences=num_return_sequences,
+                    seeds=seeds,
+                    **common,
                 )
             else:
-                out = beam_search(self.text, image_embeds, prompt_ids, num_beams=num_beams,
-                                  num_return_sequences=num_return_sequences, **common)
-        texts = self.tokenizer.decode_batch(out[:, prompt_ids.shape[1]:].tolist())
+                out = beam_search(
+                    self.text,
+                    image_embeds,
+                    prompt_ids,
+                    num_beams=num_beams,
+                    num_return_sequences=num_return_sequences,
+                    **common,
+                )
+        texts = self.tokenizer.decode_batch(out[:, prompt_ids.shape[1] :].tolist())
         texts = [t.strip() for t in texts]
         if num_return_sequences == 1:
             return texts
         k = num_return_sequences
-        return [texts[i * k:(i + 1) * k] for i in range(len(images))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
 
     def generate_ids(self, images: torch.Tensor, prompt_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Token ids [B * num_return_sequences, T] including the prompt (parity tests, pipelines)."""
@@ -225,7 +246,9 @@ class BlipModel(BlipBase):
             kwargs.pop("top_p", None)
             return beam_search(self.text, image_embeds, prompt_ids.to(self.device), **kwargs)
 
-    def lm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def lm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decoder logits [B, T, V] for ``[DEC]``-first ids (teacher forcing)."""
         with self.autocast():
             return self.text.decode(input_ids, attention_mask, image_embeds).float()

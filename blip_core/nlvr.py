@@ -8,6 +8,7 @@ the average looks kinder to the pre-trained weights but keeps the two branches s
 task such a model stayed at 62% after 15 epochs where the random merge reached 77.5%.) A two-layer MLP on
 ``[ENC]`` says true or false.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,7 +68,7 @@ class BlipNLVR(BlipBase):
             module.apply(lambda m: init_bert(m, std=t.initializer_range))
 
     @classmethod
-    def from_blip(cls, model: BlipModel) -> "BlipNLVR":
+    def from_blip(cls, model: BlipModel) -> BlipNLVR:
         """An NLVR2 model starting from a pre-trained model's image-grounded encoder: both cross-attention blocks
         of a layer start as copies of its cross-attention; the merges and the head are new."""
         nlvr = cls(model.config, model.tokenizer)
@@ -84,7 +85,9 @@ class BlipNLVR(BlipBase):
     def logits(self, images0: torch.Tensor, images1: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """[B, 2] logits of (false, true) for each (left image, right image, statement)."""
         if not (len(images0) == len(images1) == len(texts)):
-            raise ValueError(f"NLVR2 takes image pairs and one statement each: {len(images0)}, {len(images1)}, {len(texts)}")
+            raise ValueError(
+                f"NLVR2 takes image pairs and one statement each: {len(images0)}, {len(images1)}, {len(texts)}"
+            )
         ids, mask = self.tokenize(texts)
         ids[:, 0] = self.config.text.enc_token_id
         both = self.encode_image(torch.cat([self.check_images(images0), self.check_images(images1)]))
@@ -97,7 +100,9 @@ class BlipNLVR(BlipBase):
                 x = layer(x, m, twin.image0.context_kv(img0), twin.image1.context_kv(img1))
             return self.cls_head(x[:, 0]).float()
 
-    def loss(self, images0: torch.Tensor, images1: torch.Tensor, texts: Sequence[str], labels: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, images0: torch.Tensor, images1: torch.Tensor, texts: Sequence[str], labels: Sequence[bool] | torch.Tensor
+    ) -> torch.Tensor:
         target = torch.as_tensor(labels, device=self.device).long()
         return F.cross_entropy(self.logits(images0, images1, texts), target)
 

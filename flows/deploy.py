@@ -6,6 +6,7 @@ when it is missing. The flow runs from this checkout's directory, so a process w
 checkout is installed (``prefect worker start --pool P``) executes it; then
 ``prefect deployment run capfilt/bootstrap -p config=... -p root=...`` starts a run.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,14 @@ def deploy(pool: str | None = None) -> str:
     asyncio.run(_ensure_pool(pool))
     source_flow = flow.from_source(source=str(REPO), entrypoint=spec["entrypoint"])
     deployment_id = source_flow.deploy(
-        name=spec["name"], work_pool_name=pool, build=False, push=False, print_next_steps=False,
-        parameters=spec.get("parameters", {}), description=spec.get("description"), tags=spec.get("tags"),
+        name=spec["name"],
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps=False,
+        parameters=spec.get("parameters", {}),
+        description=spec.get("description"),
+        tags=spec.get("tags"),
         job_variables=spec["work_pool"].get("job_variables", {}),
     )
     return f"deployment {source_flow.name}/{spec['name']} ({deployment_id}) on work pool {pool!r}"

@@ -9,6 +9,7 @@ servers by default: an outbound call from a data cluster, and an ERROR line in e
 internet. It is off unless the user turns it on. The server is a subprocess that inherits this process's
 environment when it starts, i.e. when the first flow run begins: set the variable before that.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ The stage counts in one pass over the Parquet, a file at a time (columns ``shard
 checks the join: kept rows that name a shard missing from the ingest directory are counted as ``orphans``
 (they would be skipped by the reader) and make the stage fail unless there are none.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,13 @@ def capfilt_counts(capfilt_url: str, storage_options: dict | None = None) -> dic
         web = table.filter(pc.equal(table["source"], "web"))
         images.update(zip(web["shard"].to_pylist(), web["key"].to_pylist()))
         kept_images.update(zip(k["shard"].to_pylist(), k["key"].to_pylist()))
-    return {"total": dict(total), "kept": dict(kept), "kept_by_shard": dict(kept_by_shard),
-            "images": len(images), "kept_images": len(kept_images)}
+    return {
+        "total": dict(total),
+        "kept": dict(kept),
+        "kept_by_shard": dict(kept_by_shard),
+        "images": len(images),
+        "kept_images": len(kept_images),
+    }
 
 
 def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
@@ -88,8 +94,9 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
     available = {shard_name(u) for u in list_shards(shards_url)}
     orphans = {s: n for s, n in counts["kept_by_shard"].items() if s not in available}
     if orphans:
-        raise AssembleError(f"{sum(orphans.values())} kept CapFilt rows name shards missing from {shards_url}: "
-                            f"{sorted(orphans)[:10]}")
+        raise AssembleError(
+            f"{sum(orphans.values())} kept CapFilt rows name shards missing from {shards_url}: {sorted(orphans)[:10]}"
+        )
     web_kept, syn_kept = counts["kept"].get("web", 0), counts["kept"].get("synthetic", 0)
     human_pairs = sum(len(e.captions) for e in entries)
     summary = {
@@ -97,17 +104,34 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
         "human": {"pairs": human_pairs, "images": len(entries)},
         "web": {"kept": web_kept, "total": counts["total"].get("web", 0)},
         "synthetic": {"kept": syn_kept, "total": counts["total"].get("synthetic", 0)},
-        "bootstrapped": {"pairs": web_kept + syn_kept, "images": counts["kept_images"],
-                         "shards": len(counts["kept_by_shard"])},
+        "bootstrapped": {
+            "pairs": web_kept + syn_kept,
+            "images": counts["kept_images"],
+            "shards": len(counts["kept_by_shard"]),
+        },
         "total_pairs": human_pairs + web_kept + syn_kept,
         "captioner_id": (info.get("fingerprint") or {}).get("captioner_id"),
         "filter_id": (info.get("fingerprint") or {}).get("filter_id"),
     }
-    manifest = write_manifest(out, round=round, human_annotations=human["train"],
-                              human_image_root=human["image_root"], shards=shards_url, capfilt=capfilt,
-                              counts={"human_pairs": human_pairs, "web": web_kept, "synthetic": syn_kept})
+    manifest = write_manifest(
+        out,
+        round=round,
+        human_annotations=human["train"],
+        human_image_root=human["image_root"],
+        shards=shards_url,
+        capfilt=capfilt,
+        counts={"human_pairs": human_pairs, "web": web_kept, "synthetic": syn_kept},
+    )
     storage.write_json(storage.join(out, SUMMARY), summary)
     storage.commit(out, {"manifest": manifest.rsplit("/", 1)[-1], "total_pairs": summary["total_pairs"]})
-    log.info("dataset of round %d committed at %s: %d human pairs + %d/%d web + %d/%d synthetic texts kept",
-             round, out, human_pairs, web_kept, summary["web"]["total"], syn_kept, summary["synthetic"]["total"])
+    log.info(
+        "dataset of round %d committed at %s: %d human pairs + %d/%d web + %d/%d synthetic texts kept",
+        round,
+        out,
+        human_pairs,
+        web_kept,
+        summary["web"]["total"],
+        syn_kept,
+        summary["synthetic"]["total"],
+    )
     return summary

@@ -33,13 +33,15 @@ predicate pushdown and yields one sample per kept text of every key in S, with t
 shuffle of images — mixing comes from the stream's unit order and shuffle buffer — so a worker's memory is
 one shard's kept rows plus the buffer.
 """
+
 from __future__ import annotations
 
 import logging
 import posixpath
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.compute as pc
@@ -101,9 +103,17 @@ def relativize(base_dir: str, url: str | None) -> str | None:
     return posixpath.relpath(p2, p1)
 
 
-def write_manifest(dataset_dir: str, *, round: int, human_annotations: str | None, human_image_root: str | None,
-                   shards: str | None, capfilt: str | None, counts: dict | None = None,
-                   relative: bool = True) -> str:
+def write_manifest(
+    dataset_dir: str,
+    *,
+    round: int,
+    human_annotations: str | None,
+    human_image_root: str | None,
+    shards: str | None,
+    capfilt: str | None,
+    counts: dict | None = None,
+    relative: bool = True,
+) -> str:
     """Write ``<dataset_dir>/manifest.json`` (the caller commits the directory afterwards); returns its URL."""
     if (human_annotations is None) != (human_image_root is None):
         raise ValueError("human_annotations and human_image_root go together")
@@ -114,8 +124,9 @@ def write_manifest(dataset_dir: str, *, round: int, human_annotations: str | Non
         "format": FORMAT,
         "version": VERSION,
         "round": round,
-        "human": None if human_annotations is None else {
-            "annotations": rel(human_annotations), "image_root": rel(human_image_root)},
+        "human": None
+        if human_annotations is None
+        else {"annotations": rel(human_annotations), "image_root": rel(human_image_root)},
         "shards": rel(shards),
         "capfilt": rel(capfilt),
         "counts": counts or {},
@@ -164,8 +175,9 @@ KEPT = pc.field("keep") == True  # noqa: E712  (a pyarrow expression, not a Pyth
 class BootstrappedSource(Source):
     """The kept CapFilt rows joined back to their shard images, one unit per shard with kept texts."""
 
-    def __init__(self, shards_url: str, capfilt_url: str, *, allow_uncommitted: bool = False,
-                 storage_options: dict | None = None):
+    def __init__(
+        self, shards_url: str, capfilt_url: str, *, allow_uncommitted: bool = False, storage_options: dict | None = None
+    ):
         self.shards_url, self.capfilt_url = shards_url, capfilt_url
         self.allow_uncommitted = allow_uncommitted
         self.storage_options = storage_options or {}
@@ -184,23 +196,34 @@ class BootstrappedSource(Source):
                 counts[name] += n
                 stored[name].add(value)
                 where[name].add(path)
-        available = {shard_name(u): u for u in list_shards(self.shards_url, allow_uncommitted=self.allow_uncommitted,
-                                                            **self.storage_options)}
+        available = {
+            shard_name(u): u
+            for u in list_shards(self.shards_url, allow_uncommitted=self.allow_uncommitted, **self.storage_options)
+        }
         orphans = sorted(set(counts) - set(available))
         if orphans:
-            log.warning("%d kept rows name shards missing from %s (%s...); they are skipped",
-                        sum(counts[s] for s in orphans), self.shards_url, orphans[:5])
+            log.warning(
+                "%d kept rows name shards missing from %s (%s...); they are skipped",
+                sum(counts[s] for s in orphans),
+                self.shards_url,
+                orphans[:5],
+            )
         return [
-            StreamUnit(f"{self.image_source}/{name}",
-                       (available[name], tuple(sorted(stored[name])), tuple(sorted(where[name]))), counts[name])
-            for name in sorted(counts) if name in available
+            StreamUnit(
+                f"{self.image_source}/{name}",
+                (available[name], tuple(sorted(stored[name])), tuple(sorted(where[name]))),
+                counts[name],
+            )
+            for name in sorted(counts)
+            if name in available
         ]
 
     def read(self, unit: StreamUnit) -> Iterator[RawSample]:
         shard_url, stored_values, files = unit.ref
         fs, _ = storage.filesystem(self.capfilt_url, **self.storage_options)
         table = pads.dataset(list(files), filesystem=fs, format="parquet").to_table(
-            columns=["key", "text", "source"], filter=KEPT & pc.field("shard").isin(list(stored_values)))
+            columns=["key", "text", "source"], filter=KEPT & pc.field("shard").isin(list(stored_values))
+        )
         texts: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key, text, source in zip(*(table.column(c).to_pylist() for c in ("key", "text", "source"))):
             if text is None:
@@ -212,8 +235,9 @@ class BootstrappedSource(Source):
         for s in iter_shard(shard_url, keys=set(texts), **self.storage_options):
             seen.add(s.key)
             for text, source in texts[s.key]:
-                yield RawSample(key=s.key, image_id=f"{self.image_source}:{s.key}", text=text, source=source,
-                                image=s.image)
+                yield RawSample(
+                    key=s.key, image_id=f"{self.image_source}:{s.key}", text=text, source=source, image=s.image
+                )
         for key in sorted(set(texts) - seen):  # the stream counts these as missing images
             for text, source in texts[key]:
                 yield RawSample(key=key, image_id=f"{self.image_source}:{key}", text=text, source=source)
@@ -224,8 +248,13 @@ def _value_counts(column) -> tuple[list, list]:
     return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
-def bootstrapped_sources(manifest_url: str, *, images_per_unit: int = 256, allow_uncommitted: bool = False,
-                         storage_options: dict | None = None) -> list[Source]:
+def bootstrapped_sources(
+    manifest_url: str,
+    *,
+    images_per_unit: int = 256,
+    allow_uncommitted: bool = False,
+    storage_options: dict | None = None,
+) -> list[Source]:
     """The sources a round's manifest names: the human set (if any) and the kept CapFilt rows (if any)."""
     man_dir = manifest_url if not manifest_url.rstrip("/").endswith(".json") else manifest_url.rsplit("/", 1)[0]
     if not allow_uncommitted and not storage.is_committed(man_dir):
@@ -234,19 +263,33 @@ def bootstrapped_sources(manifest_url: str, *, images_per_unit: int = 256, allow
     sources: list[Source] = []
     opts = storage_options or {}
     if m.human_annotations is not None:
-        sources.append(KarpathySource(m.human_annotations, m.human_image_root, images_per_unit=images_per_unit,
-                                      storage_options=opts))
+        sources.append(
+            KarpathySource(
+                m.human_annotations, m.human_image_root, images_per_unit=images_per_unit, storage_options=opts
+            )
+        )
     if m.capfilt is not None:
-        sources.append(BootstrappedSource(m.shards, m.capfilt, allow_uncommitted=allow_uncommitted,
-                                          storage_options=opts))
+        sources.append(
+            BootstrappedSource(m.shards, m.capfilt, allow_uncommitted=allow_uncommitted, storage_options=opts)
+        )
     if not sources:
         raise ValueError(f"{manifest_url} names neither a human set nor CapFilt output")
     return sources
 
 
-def bootstrapped_stream(manifest_url: str, *, images_per_unit: int = 256, allow_uncommitted: bool = False,
-                        storage_options: dict | None = None, **stream_kwargs: Any) -> ShardStream:
+def bootstrapped_stream(
+    manifest_url: str,
+    *,
+    images_per_unit: int = 256,
+    allow_uncommitted: bool = False,
+    storage_options: dict | None = None,
+    **stream_kwargs: Any,
+) -> ShardStream:
     """The training stream of a round's bootstrapped dataset; ``stream_kwargs`` go to ShardStream."""
-    sources = bootstrapped_sources(manifest_url, images_per_unit=images_per_unit,
-                                   allow_uncommitted=allow_uncommitted, storage_options=storage_options)
+    sources = bootstrapped_sources(
+        manifest_url,
+        images_per_unit=images_per_unit,
+        allow_uncommitted=allow_uncommitted,
+        storage_options=storage_options,
+    )
     return ShardStream(sources, **stream_kwargs)

@@ -3,6 +3,7 @@
 Every section forbids unknown keys so that a typo fails before any work starts, with the field's dotted
 path in the message.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -26,7 +27,7 @@ def noise_types() -> tuple[str, ...]:
 
 
 class WorldConfig(_Section):
-    """The synthetic world (DESIGN.md): images with known facts, a noisy web corpus, a clean human set."""
+    """The synthetic world (docs/DESIGN.md): images with known facts, a noisy web corpus, a clean human set."""
 
     size: Literal["tiny", "demo", "full"] = "tiny"
     n_web: int | None = Field(None, ge=1, description="web images; default by size")
@@ -63,7 +64,9 @@ class IngestConfig(_Section):
     threads: int = Field(8, ge=1)
     timeout: int = Field(10, ge=1)
     retries: int = Field(0, ge=0)
-    min_image_size: int = Field(10, ge=0, description="smaller images (tracking pixels) are recorded as failed_to_resize")
+    min_image_size: int = Field(
+        10, ge=0, description="smaller images (tracking pixels) are recorded as failed_to_resize"
+    )
 
 
 class HumanConfig(_Section):
@@ -77,7 +80,9 @@ class HumanConfig(_Section):
 class ModelSection(_Section):
     preset: Literal["tiny", "base", "large"] = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict, description="BlipConfig fields over the preset")
-    tokenizer: str = Field("bert-base-uncased", description="'bert-base-uncased', 'train' (on the run's captions) or a directory")
+    tokenizer: str = Field(
+        "bert-base-uncased", description="'bert-base-uncased', 'train' (on the run's captions) or a directory"
+    )
     tokenizer_vocab_size: int = Field(1000, ge=64)
     init_text_from_bert: str | None = None
 
@@ -97,7 +102,9 @@ class TrainJob(_Section):
 
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker (its DataLoader workers included)")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="Ray CPUs reserved per worker (its DataLoader workers included)"
+    )
     batch_size: int = Field(256, ge=1, description="global batch size, all workers together")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
@@ -121,11 +128,14 @@ class TrainJob(_Section):
     eval_batch_size: int = Field(64, ge=1)
     hflip: bool = Field(True, description="random horizontal flips; false for worlds whose captions say left/right")
     randaugment: bool = True
-    random_crop: bool = Field(True, description="BLIP's random crop of 50-100% of the image; false resizes the whole "
-                              "image (worlds whose captions state positions, counts and sizes)")
+    random_crop: bool = Field(
+        True,
+        description="BLIP's random crop of 50-100% of the image; false resizes the whole "
+        "image (worlds whose captions state positions, counts and sizes)",
+    )
 
     @model_validator(mode="after")
-    def _check_job(self) -> "TrainJob":
+    def _check_job(self) -> TrainJob:
         if self.batch_size % self.workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})")
         if not self.init.strip():
@@ -144,7 +154,9 @@ class PretrainJob(TrainJob):
     warmup_steps: int = Field(3000, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     image_size: int = Field(224, ge=16)
-    init: str = Field("scratch", description="scratch (the paper's choice for the next round) | previous | a checkpoint")
+    init: str = Field(
+        "scratch", description="scratch (the paper's choice for the next round) | previous | a checkpoint"
+    )
     max_text_length: int = Field(30, ge=4, description="tokens, [CLS]/[DEC] and [SEP] included")
 
 
@@ -240,7 +252,7 @@ class CapfiltConfig(_Section):
     max_length: int = Field(30, ge=2, description="tokens, [DEC] and the prompt included")
     min_length: int = Field(5, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
-    prompt: str | None = Field(None, description="null: the captioner's own (\"a picture of \")")
+    prompt: str | None = Field(None, description='null: the captioner\'s own ("a picture of ")')
     image_size: int | None = Field(None, ge=16, description="captioner/filter input size; null: each checkpoint's")
     itm_threshold: float = Field(0.5, ge=0, le=1, description="keep a text when the filter's P(match) exceeds it")
     keep_top_k_synthetic: int | None = Field(None, ge=1, description="keep at most the k best synthetic texts")
@@ -260,9 +272,11 @@ class CapfiltConfig(_Section):
     plugins: list[str] = Field(default_factory=list, description="modules that register captioners/scorers")
 
     @model_validator(mode="after")
-    def _check_capfilt(self) -> "CapfiltConfig":
+    def _check_capfilt(self) -> CapfiltConfig:
         if self.method == "beam" and self.num_samples > self.num_beams:
-            raise ValueError(f"num_samples ({self.num_samples}) must be <= num_beams ({self.num_beams}) with beam search")
+            raise ValueError(
+                f"num_samples ({self.num_samples}) must be <= num_beams ({self.num_beams}) with beam search"
+            )
         if self.min_length > self.max_length:
             raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length})")
         return self
@@ -301,7 +315,7 @@ class RunConfig(_Section):
     flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
-    def _check_sources(self) -> "RunConfig":
+    def _check_sources(self) -> RunConfig:
         if self.world is None and self.ingest.url_list is None:
             raise ValueError("ingest.url_list is required when there is no synthetic world (world: null)")
         if self.world is None and (self.human.train is None or self.human.test is None):

@@ -21,19 +21,49 @@ Where each piece lives (one responsibility per module):
 Transforms (BLIP's train/eval preprocessing, ``decode_image``) live in ``blip_core.transforms``: the model
 library owns its input normalisation.
 """
+
 from blip_core.transforms import CorruptImageError, decode_image, eval_transform, train_transform
 
-from .bootstrapped import (BootstrappedSource, DatasetManifest, bootstrapped_sources, bootstrapped_stream,
-                           read_manifest, write_manifest)
+from .bootstrapped import (
+    BootstrappedSource,
+    DatasetManifest,
+    bootstrapped_sources,
+    bootstrapped_stream,
+    read_manifest,
+    write_manifest,
+)
 from .karpathy import KarpathyDataset, KarpathyEntry, KarpathyPairs, KarpathySource, read_karpathy
 from .shards import NotCommittedError, iter_shard, list_shards, read_shards_ray, shard_name, shard_size
 from .sources import RawSample, Sample, ShardSource, Source, StreamUnit
-from .stream import ShardStream, assign_units, derive_seed
+from .stream import ShardStream, assign_units
 
 __all__ = [
-    "BootstrappedSource", "CorruptImageError", "DatasetManifest", "KarpathyDataset", "KarpathyEntry",
-    "KarpathyPairs", "KarpathySource", "NotCommittedError", "RawSample", "Sample", "ShardSource", "ShardStream",
-    "Source", "StreamUnit", "assign_units", "bootstrapped_sources", "bootstrapped_stream", "decode_image",
-    "eval_transform", "iter_shard", "list_shards", "read_karpathy", "read_manifest", "read_shards_ray",
-    "shard_name", "shard_size", "train_transform", "write_manifest",
+    "BootstrappedSource",
+    "CorruptImageError",
+    "DatasetManifest",
+    "KarpathyDataset",
+    "KarpathyEntry",
+    "KarpathyPairs",
+    "KarpathySource",
+    "NotCommittedError",
+    "RawSample",
+    "Sample",
+    "ShardSource",
+    "ShardStream",
+    "Source",
+    "StreamUnit",
+    "assign_units",
+    "bootstrapped_sources",
+    "bootstrapped_stream",
+    "decode_image",
+    "eval_transform",
+    "iter_shard",
+    "list_shards",
+    "read_karpathy",
+    "read_manifest",
+    "read_shards_ray",
+    "shard_name",
+    "shard_size",
+    "train_transform",
+    "write_manifest",
 ]

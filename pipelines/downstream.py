@@ -1,6 +1,6 @@
 """Fine-tune and evaluate the paper's other downstream tasks: VQA, NLVR2 and zero-shot video-text retrieval.
 
-Each task reads its standard annotation file (BLIP's JSON formats, see synthetic_tasks.py) with images under a
+Each task reads its standard annotation file (BLIP's JSON formats, see pipelines/world/tasks.py) with images under a
 root (a path or fsspec URL). Fine-tuning starts from any checkpoint ``from_pretrained`` takes (a round's
 pre-trained model, an HF BLIP directory, an official ``.pth``) and writes a checkpoint of the task's class.
 These are single-process jobs (one GPU when there is one, bf16 autocast there), sized for researchers'
@@ -9,6 +9,7 @@ fine-tunes; the bootstrap's own training runs on Ray Train.
 VQA accuracy is the VQA v2 score, ``min(1, #annotators who gave the answer / 3)``; with fewer than three
 annotated answers a question needs one of them (exact match).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _train(model, loader: DataLoader, loss_fn, *, epochs: int, lr: float, weight_decay: float,
-           device: torch.device) -> list[float]:
+def _train(
+    model, loader: DataLoader, loss_fn, *, epochs: int, lr: float, weight_decay: float, device: torch.device
+) -> list[float]:
     """AdamW with a cosine schedule (BLIP's fine-tunes), bf16 autocast on GPU; returns the loss per epoch."""
     model.to(device).train()
     model.amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -133,9 +135,20 @@ def _train_transform(size: int, augment: bool):
     return train_transform(size, hflip=False) if augment else eval_transform(size)
 
 
-def finetune_vqa(model: str, train: str, images: str, out: str, *, epochs: int = 5, batch_size: int = 32,
-                 lr: float = 2e-5, weight_decay: float = 0.05, augment: bool = True, seed: int = 0,
-                 device: str | None = None) -> dict:
+def finetune_vqa(
+    model: str,
+    train: str,
+    images: str,
+    out: str,
+    *,
+    epochs: int = 5,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    weight_decay: float = 0.05,
+    augment: bool = True,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
     """Fine-tune BlipVQA on a VQA JSON (each question's answers weighted by how many annotators gave them)."""
     rows = read_annotations(train, ("image", "question", "answer"))
     torch.manual_seed(seed)  # before the heads the checkpoint lacks are built, so a fine-tune is its seed's alone
@@ -151,23 +164,41 @@ def finetune_vqa(model: str, train: str, images: str, out: str, *, epochs: int =
         imgs, questions, answers, weights = batch
         return m.loss(torch.stack(imgs), questions, answers, weights)
 
-    loader = DataLoader(_Rows(rows, load), batch_size=batch_size, shuffle=True, collate_fn=_collate,
-                        generator=torch.Generator().manual_seed(seed), drop_last=len(rows) > batch_size)
+    loader = DataLoader(
+        _Rows(rows, load),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=len(rows) > batch_size,
+    )
     curve = _train(vqa, loader, loss_fn, epochs=epochs, lr=lr, weight_decay=weight_decay, device=_device(device))
     return {"checkpoint": out, "checkpoint_id": vqa.save_pretrained(out), "loss": curve, "questions": len(rows)}
 
 
 @torch.no_grad()
-def eval_vqa(model: str, test: str, images: str, *, answer_list: str | None = None, k: int = 128,
-             batch_size: int = 64, out: str | None = None, device: str | None = None) -> dict:
+def eval_vqa(
+    model: str,
+    test: str,
+    images: str,
+    *,
+    answer_list: str | None = None,
+    k: int = 128,
+    batch_size: int = 64,
+    out: str | None = None,
+    device: str | None = None,
+) -> dict:
     """Answer every question (ranked over ``answer_list`` when given, else generated); writes BLIP's result
     JSON ``[{"question_id", "answer"}]`` to ``out`` and scores it when the file has answers."""
     rows = read_annotations(test, ("image", "question"))
     vqa = BlipVQA.from_pretrained(model).to(_device(device)).eval()
     candidates = read_annotations(answer_list, ()) if answer_list else None
     tf = eval_transform(_image_size(vqa))
-    loader = DataLoader(_Rows(rows, lambda r: (_load_image(images, r["image"], tf), r["question"])),
-                        batch_size=batch_size, collate_fn=_collate)
+    loader = DataLoader(
+        _Rows(rows, lambda r: (_load_image(images, r["image"], tf), r["question"])),
+        batch_size=batch_size,
+        collate_fn=_collate,
+    )
     predicted: list[str] = []
     for imgs, questions in loader:
         predicted += vqa.answer(torch.stack(imgs), questions, answer_list=candidates, k=k)
@@ -176,8 +207,11 @@ def eval_vqa(model: str, test: str, images: str, *, answer_list: str | None = No
         with storage.open_url(out, "w") as f:
             json.dump(results, f)
     metrics: dict[str, Any] = {"questions": len(rows), "method": "rank" if candidates else "generate"}
-    scored = [(p, r["answer"] if isinstance(r["answer"], list) else [r["answer"]]) for p, r in zip(predicted, rows)
-              if "answer" in r]
+    scored = [
+        (p, r["answer"] if isinstance(r["answer"], list) else [r["answer"]])
+        for p, r in zip(predicted, rows)
+        if "answer" in r
+    ]
     if scored:
         metrics["accuracy"] = 100.0 * sum(vqa_score(p, [str(a) for a in ans]) for p, ans in scored) / len(scored)
     return metrics
@@ -201,13 +235,29 @@ def _nlvr_loader(rows, images, tf, batch_size, shuffle=False, seed=0):
         left, right = (_load_image(images, rel, tf) for rel in row["images"])
         return left, right, row["sentence"], _label(row["label"])
 
-    return DataLoader(_Rows(rows, load), batch_size=batch_size, shuffle=shuffle, collate_fn=_collate,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        _Rows(rows, load),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def finetune_nlvr(model: str, train: str, images: str, out: str, *, epochs: int = 10, batch_size: int = 32,
-                  lr: float = 3e-5, weight_decay: float = 0.05, augment: bool = True, seed: int = 0,
-                  device: str | None = None) -> dict:
+def finetune_nlvr(
+    model: str,
+    train: str,
+    images: str,
+    out: str,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 3e-5,
+    weight_decay: float = 0.05,
+    augment: bool = True,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
     rows = read_annotations(train, ("images", "sentence", "label"))
     torch.manual_seed(seed)  # before the heads the checkpoint lacks are built, so a fine-tune is its seed's alone
     nlvr = BlipNLVR.from_pretrained(model)
@@ -217,8 +267,15 @@ def finetune_nlvr(model: str, train: str, images: str, out: str, *, epochs: int 
         left, right, texts, labels = batch
         return m.loss(torch.stack(left), torch.stack(right), texts, labels)
 
-    curve = _train(nlvr, _nlvr_loader(rows, images, tf, batch_size, shuffle=True, seed=seed), loss_fn, epochs=epochs,
-                   lr=lr, weight_decay=weight_decay, device=_device(device))
+    curve = _train(
+        nlvr,
+        _nlvr_loader(rows, images, tf, batch_size, shuffle=True, seed=seed),
+        loss_fn,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        device=_device(device),
+    )
     return {"checkpoint": out, "checkpoint_id": nlvr.save_pretrained(out), "loss": curve, "pairs": len(rows)}
 
 
@@ -230,14 +287,25 @@ def eval_nlvr(model: str, test: str, images: str, *, batch_size: int = 64, devic
     for left, right, texts, labels in _nlvr_loader(rows, images, eval_transform(_image_size(nlvr)), batch_size):
         pred = nlvr.predict(torch.stack(left), torch.stack(right), texts)
         correct += sum(p == y for p, y in zip(pred, labels))
-    return {"pairs": len(rows), "accuracy": 100.0 * correct / len(rows),
-            "majority": 100.0 * max(Counter(_label(r["label"]) for r in rows).values()) / len(rows)}
+    return {
+        "pairs": len(rows),
+        "accuracy": 100.0 * correct / len(rows),
+        "majority": 100.0 * max(Counter(_label(r["label"]) for r in rows).values()) / len(rows),
+    }
 
 
 # --- zero-shot video-text retrieval ----------------------------------------------------------------------
 @torch.no_grad()
-def eval_video_retrieval(model: str, test: str, videos: str, *, num_frames: int = 8, k: int = 128,
-                         batch_size: int = 8, device: str | None = None) -> dict:
+def eval_video_retrieval(
+    model: str,
+    test: str,
+    videos: str,
+    *,
+    num_frames: int = 8,
+    k: int = 128,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict:
     """Text->video and video->text recall of an image-text model applied to clips (no video training)."""
     rows = read_annotations(test, ("video", "caption"))
     blip = BlipModel.from_pretrained(model).to(_device(device)).eval()
@@ -247,7 +315,7 @@ def eval_video_retrieval(model: str, test: str, videos: str, *, num_frames: int 
     root = Path(videos.removeprefix("file://"))
     tokens, feats, texts, txt2vid, vid2txt = [], [], [], [], []
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+        chunk = rows[s : s + batch_size]
         try:
             clips = torch.stack([load_clip(root / r["video"], num_frames, tf) for r in chunk])
         except (OSError, ValueError) as err:
@@ -263,4 +331,3 @@ def eval_video_retrieval(model: str, test: str, videos: str, *, num_frames: int 
     out = rank_two_stage(blip, torch.cat(tokens), torch.cat(feats), texts, txt2vid, vid2txt, k=k)
     out.update(frames=num_frames, videos=len(rows))
     return out
-

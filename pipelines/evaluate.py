@@ -5,6 +5,7 @@ Retrieval follows the paper's two stages: every image-text pair is ranked by ITC
 retrieval (image -> its captions) and image retrieval (caption -> its image). Captioning uses beam search
 (3 beams, max 20, min 5 tokens, the prompt) and BLEU-4 / CIDEr from pycocoevalcap.
 """
+
 from __future__ import annotations
 
 import builtins  # ``round`` is a stage parameter here: builtins.round is the number's
@@ -48,20 +49,31 @@ def retrieval_metrics(model: BlipModel, dataset, k: int = 256, batch_size: int =
     """TR/IR R@1/5/10 (percent) of ITC ranking re-ranked by ITM on the top ``k``; also ITC-only R@1."""
     model.eval()
     image_embeds, image_feats, texts, txt2img, img2txt = encode_eval_set(model, dataset, batch_size)
-    return rank_two_stage(model, image_embeds, image_feats, texts, txt2img, img2txt, k=k, batch_size=batch_size,
-                          itm_batch=itm_batch)
+    return rank_two_stage(
+        model, image_embeds, image_feats, texts, txt2img, img2txt, k=k, batch_size=batch_size, itm_batch=itm_batch
+    )
 
 
 @torch.no_grad()
-def rank_two_stage(model: BlipModel, image_embeds: torch.Tensor, image_feats: torch.Tensor, texts: list[str],
-                   txt2img: list[int], img2txt: list[list[int]], k: int = 256, batch_size: int = 64,
-                   itm_batch: int = 128) -> dict:
+def rank_two_stage(
+    model: BlipModel,
+    image_embeds: torch.Tensor,
+    image_feats: torch.Tensor,
+    texts: list[str],
+    txt2img: list[int],
+    img2txt: list[list[int]],
+    k: int = 256,
+    batch_size: int = 64,
+    itm_batch: int = 128,
+) -> dict:
     """The two stages over encoded images (or clips: their frames' tokens concatenated) and raw texts."""
     ids, mask = model.tokenize(texts)
-    text_feats = torch.cat([
-        model.text_features(model.encode_text_ids(ids[i:i + batch_size], mask[i:i + batch_size])).cpu()
-        for i in range(0, len(texts), batch_size)
-    ])
+    text_feats = torch.cat(
+        [
+            model.text_features(model.encode_text_ids(ids[i : i + batch_size], mask[i : i + batch_size])).cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
     sim = image_feats @ text_feats.t()  # [images, texts]
     n_img, n_txt = sim.shape
     dev = model.device
@@ -69,7 +81,7 @@ def rank_two_stage(model: BlipModel, image_embeds: torch.Tensor, image_feats: to
     def itm(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
         out = []
         for s in range(0, len(img_idx), itm_batch):
-            ii, tt = img_idx[s:s + itm_batch], txt_idx[s:s + itm_batch]
+            ii, tt = img_idx[s : s + itm_batch], txt_idx[s : s + itm_batch]
             logits = model.itm_logits(image_embeds[ii].to(dev), ids[tt].to(dev), mask[tt].to(dev))
             out.append(logits[:, 1].cpu())  # BLIP re-ranks by the ITM "match" logit
         return torch.cat(out)
@@ -88,16 +100,15 @@ def rank_two_stage(model: BlipModel, image_embeds: torch.Tensor, image_feats: to
 
     out = _recalls(score_i2t, score_t2i, img2txt, txt2img)
     itc_only = _recalls(sim, sim.t(), img2txt, txt2img)
-    out.update({"itc_txt_r1": itc_only["txt_r1"], "itc_img_r1": itc_only["img_r1"], "k": k,
-                "images": n_img, "texts": n_txt})
+    out.update(
+        {"itc_txt_r1": itc_only["txt_r1"], "itc_img_r1": itc_only["img_r1"], "k": k, "images": n_img, "texts": n_txt}
+    )
     return out
 
 
 def _recalls(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]], txt2img: list[int]) -> dict:
     order = score_i2t.argsort(dim=1, descending=True)
-    tr_rank = torch.tensor([
-        min(int((order[i] == t).nonzero()[0, 0]) for t in gts) for i, gts in enumerate(img2txt)
-    ])
+    tr_rank = torch.tensor([min(int((order[i] == t).nonzero()[0, 0]) for t in gts) for i, gts in enumerate(img2txt)])
     order = score_t2i.argsort(dim=1, descending=True)
     ir_rank = torch.tensor([int((order[t] == i).nonzero()[0, 0]) for t, i in enumerate(txt2img)])
     out = {}
@@ -203,22 +214,36 @@ def run_eval(cfg, root: str, round: int) -> dict:
         return storage.read_json(storage.join(out, "metrics.json"))
     model_url = storage.join(rr.round(round, "pretrain"), "model")
     if not storage.is_committed(rr.round(round, "pretrain")):
-        raise FileNotFoundError(f"round {round} has no committed pre-trained model at {model_url}: run capfilt pretrain first")
+        raise FileNotFoundError(
+            f"round {round} has no committed pre-trained model at {model_url}: run capfilt pretrain first"
+        )
     e = cfg.eval
     model = load_model(model_url, image_size=e.image_size)
     hs = human_set(cfg, root)
     data = KarpathyDataset(hs["test"], hs["image_root"], transform=eval_transform(model.config.vision.image_size))
     t0 = time.perf_counter()
     retrieval = retrieval_metrics(model, data, k=e.retrieval_k, batch_size=e.batch_size)
-    captioning, rows = caption_metrics(model, data, batch_size=e.batch_size, num_beams=e.num_beams,
-                                       max_length=e.max_length, min_length=e.min_length, prompt=e.prompt,
-                                       attribute_accuracy=world_attribute_scorer(root))
+    captioning, rows = caption_metrics(
+        model,
+        data,
+        batch_size=e.batch_size,
+        num_beams=e.num_beams,
+        max_length=e.max_length,
+        min_length=e.min_length,
+        prompt=e.prompt,
+        attribute_accuracy=world_attribute_scorer(root),
+    )
     metrics = {
-        "round": round, "model": model_url, "test_set": hs["test"], "images": len(data),
-        "retrieval": retrieval, "captioning": captioning,
+        "round": round,
+        "model": model_url,
+        "test_set": hs["test"],
+        "images": len(data),
+        "retrieval": retrieval,
+        "captioning": captioning,
         "retrieval_r1": (retrieval["txt_r1"] + retrieval["img_r1"]) / 2,
         "caption_attribute_accuracy": captioning.get("caption_attribute_accuracy"),
-        "cider": captioning["cider"], "seconds": builtins.round(time.perf_counter() - t0, 2),
+        "cider": captioning["cider"],
+        "seconds": builtins.round(time.perf_counter() - t0, 2),
     }
     fs, path = storage.filesystem(out)
     fs.makedirs(path, exist_ok=True)
@@ -227,6 +252,11 @@ def run_eval(cfg, root: str, round: int) -> dict:
             f.write(json.dumps(row, default=str) + "\n")
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     storage.commit(out, {"round": round, "retrieval_r1": metrics["retrieval_r1"]})
-    log.info("round %d: retrieval R@1 %.1f, CIDEr %.1f, attribute accuracy %s", round, metrics["retrieval_r1"],
-             metrics["cider"], metrics["caption_attribute_accuracy"])
+    log.info(
+        "round %d: retrieval R@1 %.1f, CIDEr %.1f, attribute accuracy %s",
+        round,
+        metrics["retrieval_r1"],
+        metrics["cider"],
+        metrics["caption_attribute_accuracy"],
+    )
     return metrics

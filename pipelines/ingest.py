@@ -6,7 +6,7 @@ and records what it did:
 - **Input.** ``ingest.url_list`` (a file or a directory of files, local or any fsspec URL) in
   ``ingest.input_format`` csv | tsv | parquet | jsonl | txt, with columns ``ingest.url_col`` and
   ``ingest.caption_col``. When ``url_list`` is None the synthetic world's ``web.parquet`` is ingested: the
-  world's images are served on 127.0.0.1 for the duration (:func:`pipelines.synthetic.serve_world`) and its
+  world's images are served on 127.0.0.1 for the duration (:func:`pipelines.world.serve_world`) and its
   ``{base}/...`` URLs rewritten to the live server.
 - **Captions byte for byte.** Every list is first rewritten, file by file and in order, to a local Parquet
   file holding only ``url`` and ``caption`` as strings, which img2dataset then reads. Reading CSV ourselves
@@ -50,6 +50,7 @@ albumentations, wandb: ~5-10 s on 2 cores) at start and again every 5 shards (it
 ``maxtasksperchild=5``), so real lists want shards of thousands of samples; its SIGINT handler is kept out
 of the caller's process (:func:`_own_signal_handlers`), which also lets the stage run off the main thread.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,10 +67,11 @@ import threading
 import time
 import types
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -136,15 +138,18 @@ def read_url_file(fs: storage.FileSystem, path: str, ic: IngestConfig) -> pa.Tab
             if fmt in ("csv", "tsv"):
                 table = pa_csv.read_csv(
                     f,
-                    parse_options=pa_csv.ParseOptions(delimiter="," if fmt == "csv" else "\t",
-                                                      newlines_in_values=True),
-                    convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in cols},
-                                                          include_columns=cols, strings_can_be_null=False),
+                    parse_options=pa_csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True),
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False
+                    ),
                 )
             elif fmt == "jsonl":
-                table = pa_json.read_json(f, parse_options=pa_json.ParseOptions(
-                    explicit_schema=pa.schema([(c, pa.string()) for c in cols]),
-                    unexpected_field_behavior="ignore"))
+                table = pa_json.read_json(
+                    f,
+                    parse_options=pa_json.ParseOptions(
+                        explicit_schema=pa.schema([(c, pa.string()) for c in cols]), unexpected_field_behavior="ignore"
+                    ),
+                )
                 for c in cols:
                     if table[c].null_count == table.num_rows and table.num_rows:
                         raise IngestError(f"{path}: no field {c!r} in any line (check ingest.url_col / caption_col)")
@@ -220,22 +225,43 @@ def _manifest(ic: IngestConfig, prepared: PreparedInput, stats: dict[int, dict],
     for sid in sorted(stats):
         s = stats[sid]
         name = f"{sid:0{_OOM_SHARD_COUNT}d}"
-        shards.append({"shard": name, "tar": f"{name}.tar", "parquet": f"{name}.parquet", "count": s["count"],
-                       "successes": s["successes"], "failed_to_download": s["failed_to_download"],
-                       "failed_to_resize": s["failed_to_resize"]})
+        shards.append(
+            {
+                "shard": name,
+                "tar": f"{name}.tar",
+                "parquet": f"{name}.parquet",
+                "count": s["count"],
+                "successes": s["successes"],
+                "failed_to_download": s["failed_to_download"],
+                "failed_to_resize": s["failed_to_resize"],
+            }
+        )
         by_status.update({"failed_to_download": s["failed_to_download"], "failed_to_resize": s["failed_to_resize"]})
         errors.update({k: v for k, v in s.get("status_dict", {}).items() if k != "success"})
     total = sum(s["count"] for s in shards)
     successes = sum(s["successes"] for s in shards)
     return {
         "source": ic.source,
-        "input": {"url_list": prepared.description, "input_format": ic.input_format if ic.url_list else "parquet",
-                  "url_col": ic.url_col, "caption_col": ic.caption_col if prepared.has_caption else None,
-                  "files": len(prepared.rows_per_file), "rows": prepared.rows},
-        "settings": {"image_size": ic.image_size, "resize_mode": ic.resize_mode, "shard_size": ic.shard_size,
-                     "processes": ic.processes, "threads": ic.threads, "timeout": ic.timeout,
-                     "retries": ic.retries, "min_image_size": ic.min_image_size, "output_format": "webdataset",
-                     "encode_format": "jpg"},
+        "input": {
+            "url_list": prepared.description,
+            "input_format": ic.input_format if ic.url_list else "parquet",
+            "url_col": ic.url_col,
+            "caption_col": ic.caption_col if prepared.has_caption else None,
+            "files": len(prepared.rows_per_file),
+            "rows": prepared.rows,
+        },
+        "settings": {
+            "image_size": ic.image_size,
+            "resize_mode": ic.resize_mode,
+            "shard_size": ic.shard_size,
+            "processes": ic.processes,
+            "threads": ic.threads,
+            "timeout": ic.timeout,
+            "retries": ic.retries,
+            "min_image_size": ic.min_image_size,
+            "output_format": "webdataset",
+            "encode_format": "jpg",
+        },
         "img2dataset_version": version("img2dataset"),
         "shards": shards,
         "n_shards": len(shards),
@@ -307,13 +333,16 @@ def _sort_shards(out: str, shard_ids: list[int], workers: int) -> int:
     """Every shard in key order (:func:`pipelines.shards.sort_shard`, one shard per thread); how many had to be
     rewritten. Shards of an earlier, interrupted run are checked too (reading an ordered one costs one read).
     A broken tar is an IngestIncomplete; a storage error propagates as it is (a rerun retries it)."""
+
     def one(sid: int) -> bool:
         name = f"{sid:0{_OOM_SHARD_COUNT}d}"
         try:
             return sort_shard(storage.join(out, f"{name}.tar"))
         except tarfile.TarError as err:
-            raise IngestIncomplete(f"shard {name} of {out} is unreadable ({err}); nothing committed: delete its "
-                                   f"{name}_stats.json and rerun `capfilt ingest` to download it again") from err
+            raise IngestIncomplete(
+                f"shard {name} of {out} is unreadable ({err}); nothing committed: delete its "
+                f"{name}_stats.json and rerun `capfilt ingest` to download it again"
+            ) from err
 
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         return sum(pool.map(one, shard_ids))
@@ -335,8 +364,10 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
 
             world = storage.RunRoot(root).world()
             if not storage.is_committed(world):
-                raise IngestError(f"ingest.url_list is not set and there is no committed world at {world}; "
-                                  "run `capfilt synth` first or set ingest.url_list")
+                raise IngestError(
+                    f"ingest.url_list is not set and there is no committed world at {world}; "
+                    "run `capfilt synth` first or set ingest.url_list"
+                )
             base = stack.enter_context(serve_world(world))
             prepared = _prepare_world_list(root, base, tmp)
         else:
@@ -348,9 +379,15 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
         if fs.exists(posixpath.join(path, MANIFEST)):
             fs.rm(posixpath.join(path, MANIFEST))  # img2dataset reads every *.json there as NNNNN_stats.json
         before = set(_shard_stats(out))
-        log.info("ingesting %d URLs from %s into %s (%d shards of %d, %d done before)", prepared.rows,
-                 prepared.description, out, len(prepared.expected_shards(ic.shard_size)), ic.shard_size,
-                 len(before))
+        log.info(
+            "ingesting %d URLs from %s into %s (%d shards of %d, %d done before)",
+            prepared.rows,
+            prepared.description,
+            out,
+            len(prepared.expected_shards(ic.shard_size)),
+            ic.shard_size,
+            len(before),
+        )
         t0 = time.time()
         _download(prepared, out, ic)
         seconds = time.time() - t0
@@ -361,28 +398,45 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
     stats = _shard_stats(out)
     missing = sorted(set(prepared.expected_shards(ic.shard_size)) - set(stats))
     if missing:
-        raise IngestIncomplete(f"img2dataset did not finish shards {missing[:20]} of {out}; "
-                               "nothing committed, rerun `capfilt ingest` to redo them")
+        raise IngestIncomplete(
+            f"img2dataset did not finish shards {missing[:20]} of {out}; "
+            "nothing committed, rerun `capfilt ingest` to redo them"
+        )
     t0 = time.time()
     sorted_now = _sort_shards(out, sorted(stats), ic.processes)
     sort_seconds = time.time() - t0
     done_now = [stats[s] for s in stats if s not in before]
     samples_now = sum(s["count"] for s in done_now)
     shard_seconds = sum(s["duration"] for s in done_now)
-    this_run = {"shards": len(done_now), "samples": samples_now, "seconds": round(seconds, 3),
-                "samples_per_second": round(samples_now / seconds, 1) if seconds > 0 else None,
-                # per worker process, without img2dataset's start-up (spawning and importing take ~10 s)
-                "shard_seconds": round(shard_seconds, 3),
-                "worker_samples_per_second": round(samples_now / shard_seconds, 1) if shard_seconds > 0 else None,
-                # img2dataset's shards put in key order (the input list's), so that every ingest of a list is the same
-                "shards_sorted": sorted_now, "sort_seconds": round(sort_seconds, 3)}
+    this_run = {
+        "shards": len(done_now),
+        "samples": samples_now,
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(samples_now / seconds, 1) if seconds > 0 else None,
+        # per worker process, without img2dataset's start-up (spawning and importing take ~10 s)
+        "shard_seconds": round(shard_seconds, 3),
+        "worker_samples_per_second": round(samples_now / shard_seconds, 1) if shard_seconds > 0 else None,
+        # img2dataset's shards put in key order (the input list's), so that every ingest of a list is the same
+        "shards_sorted": sorted_now,
+        "sort_seconds": round(sort_seconds, 3),
+    }
     manifest = _manifest(ic, prepared, stats, this_run)
     storage.write_json(manifest_url, manifest)
-    storage.commit(out, {"total": manifest["total"], "successes": manifest["successes"],
-                         "n_shards": manifest["n_shards"]})
-    log.info("ingest committed at %s: %d/%d images (%.1f%%) in %d shards; this run %d samples in %.1fs "
-             "(%s samples/s overall, %s per worker while downloading); failures: %s", out,
-             manifest["successes"], manifest["total"], 100 * manifest["success_rate"], manifest["n_shards"],
-             samples_now, seconds, this_run["samples_per_second"], this_run["worker_samples_per_second"],
-             manifest["failures_by_status"])
+    storage.commit(
+        out, {"total": manifest["total"], "successes": manifest["successes"], "n_shards": manifest["n_shards"]}
+    )
+    log.info(
+        "ingest committed at %s: %d/%d images (%.1f%%) in %d shards; this run %d samples in %.1fs "
+        "(%s samples/s overall, %s per worker while downloading); failures: %s",
+        out,
+        manifest["successes"],
+        manifest["total"],
+        100 * manifest["success_rate"],
+        manifest["n_shards"],
+        samples_now,
+        seconds,
+        this_run["samples_per_second"],
+        this_run["worker_samples_per_second"],
+        manifest["failures_by_status"],
+    )
     return manifest

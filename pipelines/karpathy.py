@@ -11,12 +11,14 @@ Three views of one file:
   - ``KarpathyPairs``: map-style, (image, caption, image_id) per caption — fine-tuning the captioner/filter;
   - ``KarpathySource``: units for ``ShardStream``, so training can mix the human set with web shards.
 """
+
 from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -61,8 +63,7 @@ def read_karpathy(ann_url: str, **storage_options: Any) -> list[KarpathyEntry]:
         if g["image_id"] is None and ann.get("image_id") is not None:
             g["image_id"] = str(ann["image_id"])
     return [
-        KarpathyEntry(image=img, captions=tuple(g["captions"]),
-                      image_id=g["image_id"] or posixpath.splitext(img)[0])
+        KarpathyEntry(image=img, captions=tuple(g["captions"]), image_id=g["image_id"] or posixpath.splitext(img)[0])
         for img, g in grouped.items()
     ]
 
@@ -70,8 +71,9 @@ def read_karpathy(ann_url: str, **storage_options: Any) -> list[KarpathyEntry]:
 class KarpathyDataset(Dataset):
     """(image, captions, image_id) per image; ``image`` is transformed, or a PIL image without a transform."""
 
-    def __init__(self, ann_url: str, image_root: str, transform: Callable | None = None,
-                 storage_options: dict | None = None):
+    def __init__(
+        self, ann_url: str, image_root: str, transform: Callable | None = None, storage_options: dict | None = None
+    ):
         self.ann_url, self.image_root = ann_url, image_root
         self.transform = transform
         self.storage_options = storage_options or {}
@@ -95,12 +97,18 @@ class KarpathyDataset(Dataset):
         e = self.entries[i]
         return self.load_image(e), list(e.captions), e.image_id
 
-    def pairs(self) -> "KarpathyPairs":
+    def pairs(self) -> KarpathyPairs:
         return KarpathyPairs(self)
 
-    def stream_source(self, images_per_unit: int = 256, source: str = "human") -> "KarpathySource":
-        return KarpathySource(self.ann_url, self.image_root, images_per_unit=images_per_unit, source=source,
-                              storage_options=self.storage_options, entries=self.entries)
+    def stream_source(self, images_per_unit: int = 256, source: str = "human") -> KarpathySource:
+        return KarpathySource(
+            self.ann_url,
+            self.image_root,
+            images_per_unit=images_per_unit,
+            source=source,
+            storage_options=self.storage_options,
+            entries=self.entries,
+        )
 
 
 class KarpathyPairs(Dataset):
@@ -125,8 +133,16 @@ class KarpathySource(Source):
     Images are fetched after the shuffle buffer (the buffer holds URLs, not pixels).
     """
 
-    def __init__(self, ann_url: str, image_root: str, *, images_per_unit: int = 256, source: str = "human",
-                 storage_options: dict | None = None, entries: list[KarpathyEntry] | None = None):
+    def __init__(
+        self,
+        ann_url: str,
+        image_root: str,
+        *,
+        images_per_unit: int = 256,
+        source: str = "human",
+        storage_options: dict | None = None,
+        entries: list[KarpathyEntry] | None = None,
+    ):
         self.ann_url, self.image_root = ann_url, image_root
         self.images_per_unit = max(1, images_per_unit)
         self.source = source
@@ -136,8 +152,11 @@ class KarpathySource(Source):
     def units(self, with_sizes: bool = False) -> list[StreamUnit]:
         n, k = len(self.entries), self.images_per_unit
         return [
-            StreamUnit(f"{self.source}/{start:08d}", (start, min(start + k, n)),
-                 sum(len(e.captions) for e in self.entries[start:start + k]))
+            StreamUnit(
+                f"{self.source}/{start:08d}",
+                (start, min(start + k, n)),
+                sum(len(e.captions) for e in self.entries[start : start + k]),
+            )
             for start in range(0, n, k)
         ]
 
@@ -146,5 +165,6 @@ class KarpathySource(Source):
         for e in self.entries[start:stop]:
             url = join_url(self.image_root, e.image)
             for c in e.captions:
-                yield RawSample(key=e.image, image_id=f"{self.source}:{e.image_id}", text=c, source=self.source,
-                                image_url=url)
+                yield RawSample(
+                    key=e.image, image_id=f"{self.source}:{e.image_id}", text=c, source=self.source, image_url=url
+                )

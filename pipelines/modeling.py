@@ -10,6 +10,7 @@ A fine-tune or a continued pre-training takes the tokenizer its starting checkpo
 ``blip_core`` reads and writes local directories only; ``storage.local_copy`` and ``save_model`` carry checkpoints
 to and from any fsspec URL (``s3://...``) around it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -119,25 +120,32 @@ def load_tokenizer(spec: str) -> BlipTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def model_config(section: ModelSection, tokenizer: BlipTokenizer, job: TrainJob,
-                 bert_text: dict | None = None) -> BlipConfig:
+def model_config(
+    section: ModelSection, tokenizer: BlipTokenizer, job: TrainJob, bert_text: dict | None = None
+) -> BlipConfig:
     """The preset, its overrides, the tokenizer's ids, and the job's resolution and checkpointing. With
     ``bert_text`` (the text sizes of a BERT directory) the text transformer takes that BERT's shape."""
     over = dict(section.overrides)
     if bert_text is not None:
         if bert_text["vocab_size"] != tokenizer.vocab_size:
-            raise ValueError(f"model.init_text_from_bert has a vocabulary of {bert_text['vocab_size'] - 2} tokens, "
-                             f"the tokenizer {tokenizer.vocab_size - 2}: use the BERT's own vocabulary "
-                             "(model.tokenizer: bert-base-uncased or the BERT directory)")
+            raise ValueError(
+                f"model.init_text_from_bert has a vocabulary of {bert_text['vocab_size'] - 2} tokens, "
+                f"the tokenizer {tokenizer.vocab_size - 2}: use the BERT's own vocabulary "
+                "(model.tokenizer: bert-base-uncased or the BERT directory)"
+            )
         over["text"] = {**bert_text, **over.get("text", {})}
     over["text"] = {**over.get("text", {}), **tokenizer.special_ids()}
-    over["vision"] = {**over.get("vision", {}), "image_size": job.image_size,
-                      "grad_checkpointing": job.grad_checkpointing}
+    over["vision"] = {
+        **over.get("vision", {}),
+        "image_size": job.image_size,
+        "grad_checkpointing": job.grad_checkpointing,
+    }
     return BlipConfig.preset(section.preset, **over)
 
 
-def build_model(section: ModelSection, job: TrainJob, init: str, tokenizer_spec: str | None = None,
-                bert_dir: str | None = None) -> BlipModel:
+def build_model(
+    section: ModelSection, job: TrainJob, init: str, tokenizer_spec: str | None = None, bert_dir: str | None = None
+) -> BlipModel:
     """A job's starting model: ``init`` is ``scratch`` (with ``tokenizer_spec``, and the text side optionally
     from the BERT directory ``bert_dir``) or a checkpoint URL, resized to the job's image size."""
     if init == "scratch":

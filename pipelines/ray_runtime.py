@@ -8,6 +8,7 @@ variables once, when it is first imported. So ``configure_environment`` must run
 ``import ray``: ``ensure_ray`` calls it, as do the entry points (``flows.cli.main``, the flow ``capfilt``) and every
 other function here that imports Ray; importing ``pipelines`` sets nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,14 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool | None = None) -> st
     else:
         if dashboard is None:
             dashboard = os.environ.get("CAPFILT_RAY_DASHBOARD", "0") == "1"
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
         where = "local Ray on 127.0.0.1"
     log.info("using %s (%s)", where, ray.get_runtime_context().gcs_address)
     return where

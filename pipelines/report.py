@@ -7,6 +7,7 @@ here as SVG, sample images as data URIs read from the ingest shards — so it ca
 opened straight from a bucket. Each section has a stable id; a missing input renders as a "not available"
 note instead of failing the page. Captions are untrusted web text: every string goes through ``html.escape``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,10 +16,10 @@ import io
 import json
 import logging
 import math
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,18 +36,32 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 JOBS = ("pretrain", "captioner", "filter")
 LOSSES = ("itc", "itm", "lm", "loss")
-COLOURS = {"web": "#d9534f", "synthetic": "#337ab7", "itc": "#337ab7", "itm": "#5cb85c", "lm": "#f0ad4e",
-           "loss": "#333333"}
-EVAL_ROWS = (("retrieval_r1", "retrieval R@1 (mean TR/IR)"), ("retrieval.txt_r1", "text retrieval R@1"),
-             ("retrieval.img_r1", "image retrieval R@1"), ("retrieval.txt_r5", "text retrieval R@5"),
-             ("retrieval.img_r5", "image retrieval R@5"), ("retrieval.r_mean", "retrieval mean recall"),
-             ("cider", "CIDEr"), ("captioning.bleu4", "BLEU-4"),
-             ("caption_attribute_accuracy", "caption attribute accuracy (%)"), ("images", "test images"))
+COLOURS = {
+    "web": "#d9534f",
+    "synthetic": "#337ab7",
+    "itc": "#337ab7",
+    "itm": "#5cb85c",
+    "lm": "#f0ad4e",
+    "loss": "#333333",
+}
+EVAL_ROWS = (
+    ("retrieval_r1", "retrieval R@1 (mean TR/IR)"),
+    ("retrieval.txt_r1", "text retrieval R@1"),
+    ("retrieval.img_r1", "image retrieval R@1"),
+    ("retrieval.txt_r5", "text retrieval R@5"),
+    ("retrieval.img_r5", "image retrieval R@5"),
+    ("retrieval.r_mean", "retrieval mean recall"),
+    ("cider", "CIDEr"),
+    ("captioning.bleu4", "BLEU-4"),
+    ("caption_attribute_accuracy", "caption attribute accuracy (%)"),
+    ("images", "test images"),
+)
 SAMPLE_COLUMNS = ["key", "shard", "text", "source", "candidate", "itm_score", "keep", "drop_reason", "status"]
 HISTOGRAMS = (("itm_score", 0.0, 1.0, 20, "ITM P(match)"), ("itc_score", -1.0, 1.0, 20, "ITC cosine similarity"))
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
 
 def capfilt_files(url: str) -> list[str]:
     """The URLs of the ``part-*.parquet`` files of a CapFilt directory (bookkeeping files never match)."""
@@ -78,6 +93,7 @@ def _read_json_or_none(url: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ numbers
+
 
 def histogram(values: Iterable[float | None], lo: float, hi: float, bins: int) -> list[int]:
     """Counts in ``bins`` equal bins over [lo, hi]; nulls are left out, values outside go to the end bins."""
@@ -114,8 +130,16 @@ class Totals:
         out = []
         for source in sorted(self.rows, key=lambda s: (s != "web", s)):
             texts, bad, kept = self.rows[source]
-            out.append({"source": source, "texts": texts, "bad_input": bad, "kept": kept,
-                        "kept_share": kept / max(texts, 1), "kept_share_usable": kept / max(texts - bad, 1)})
+            out.append(
+                {
+                    "source": source,
+                    "texts": texts,
+                    "bad_input": bad,
+                    "kept": kept,
+                    "kept_share": kept / max(texts, 1),
+                    "kept_share_usable": kept / max(texts - bad, 1),
+                }
+            )
         return out
 
 
@@ -194,6 +218,7 @@ def load_images(ingest_url: str, picks: list[tuple[str, str]]) -> dict[tuple[str
 
 # ------------------------------------------------------------------------------------------------ SVG
 
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -201,12 +226,22 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def _legend(names: Iterable[str], x: float) -> str:
-    return "".join(f'<rect x="{x}" y="{8 + 16 * i}" width="10" height="10" fill="{COLOURS.get(n, "#777")}"/>'
-                   f'<text x="{x + 14}" y="{17 + 16 * i}">{escape(n)}</text>' for i, n in enumerate(names))
+    return "".join(
+        f'<rect x="{x}" y="{8 + 16 * i}" width="10" height="10" fill="{COLOURS.get(n, "#777")}"/>'
+        f'<text x="{x + 14}" y="{17 + 16 * i}">{escape(n)}</text>'
+        for i, n in enumerate(names)
+    )
 
 
-def bar_chart(chart_id: str, lo: float, hi: float, series: dict[str, list[int]], marker: float | None = None,
-              width: int = 520, height: int = 220) -> str:
+def bar_chart(
+    chart_id: str,
+    lo: float,
+    hi: float,
+    series: dict[str, list[int]],
+    marker: float | None = None,
+    width: int = 520,
+    height: int = 220,
+) -> str:
     """Grouped bars, one group per bin, height = the bin's share of its series (sources differ in size)."""
     bins = len(next(iter(series.values())))
     left, right, top, bottom = 40, 90, 10, 30
@@ -215,31 +250,38 @@ def bar_chart(chart_id: str, lo: float, hi: float, series: dict[str, list[int]],
     bw = gw / (len(series) + 1)
     shares = {n: [c / max(sum(cs), 1) for c in cs] for n, cs in series.items()}
     ymax = max([max(s) for s in shares.values()] + [1e-9])
-    parts = [f'<svg id="{chart_id}" class="chart bar-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>']
+    parts = [
+        f'<svg id="{chart_id}" class="chart bar-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
+    ]
     for si, (name, counts) in enumerate(series.items()):
         for b, c in enumerate(counts):
             h = ph * shares[name][b] / ymax
             b_lo = lo + (hi - lo) * b / bins
-            parts.append(f'<rect class="bar" data-series="{escape(name)}" data-bin="{b_lo:.2f}" data-count="{c}" '
-                         f'x="{left + b * gw + (si + 0.5) * bw:.1f}" y="{top + ph - h:.1f}" width="{bw:.1f}" '
-                         f'height="{h:.1f}" fill="{COLOURS.get(name, "#777")}"><title>{escape(name)} '
-                         f'[{b_lo:.2f}, {b_lo + (hi - lo) / bins:.2f}): {c}</title></rect>')
+            parts.append(
+                f'<rect class="bar" data-series="{escape(name)}" data-bin="{b_lo:.2f}" data-count="{c}" '
+                f'x="{left + b * gw + (si + 0.5) * bw:.1f}" y="{top + ph - h:.1f}" width="{bw:.1f}" '
+                f'height="{h:.1f}" fill="{COLOURS.get(name, "#777")}"><title>{escape(name)} '
+                f"[{b_lo:.2f}, {b_lo + (hi - lo) / bins:.2f}): {c}</title></rect>"
+            )
     for b in range(0, bins + 1, max(bins // 5, 1)):
-        parts.append(f'<text x="{left + b * gw:.1f}" y="{height - 10}" text-anchor="middle">'
-                     f'{lo + (hi - lo) * b / bins:.1f}</text>')
+        parts.append(
+            f'<text x="{left + b * gw:.1f}" y="{height - 10}" text-anchor="middle">'
+            f"{lo + (hi - lo) * b / bins:.1f}</text>"
+        )
     parts.append(f'<text x="4" y="{top + 10}">{100 * ymax:.0f}%</text>')
     if marker is not None:
         mx = left + pw * (marker - lo) / (hi - lo)
-        parts.append(f'<line class="threshold" x1="{mx:.1f}" y1="{top}" x2="{mx:.1f}" y2="{top + ph}" '
-                     f'stroke="#000" stroke-dasharray="4 3"><title>threshold {marker}</title></line>')
+        parts.append(
+            f'<line class="threshold" x1="{mx:.1f}" y1="{top}" x2="{mx:.1f}" y2="{top + ph}" '
+            f'stroke="#000" stroke-dasharray="4 3"><title>threshold {marker}</title></line>'
+        )
     parts.append(_legend(series, width - right + 10) + "</svg>")
     return "".join(parts)
 
 
-def line_chart(chart_id: str, series: dict[str, list[tuple[float, float]]], width: int = 520,
-               height: int = 220) -> str:
+def line_chart(chart_id: str, series: dict[str, list[tuple[float, float]]], width: int = 520, height: int = 220) -> str:
     """One polyline per series over a shared step axis and a shared y axis from 0."""
     left, right, top, bottom = 45, 70, 10, 30
     pw, ph = width - left - right, height - top - bottom
@@ -251,22 +293,27 @@ def line_chart(chart_id: str, series: dict[str, list[tuple[float, float]]], widt
     def pt(x: float, y: float) -> str:
         return f"{left + pw * (x - xmin) / xspan:.1f},{top + ph * (1 - y / ymax):.1f}"
 
-    parts = [f'<svg id="{chart_id}" class="chart line-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>',
-             f'<text x="4" y="{top + 10}">{ymax:.2f}</text><text x="4" y="{top + ph}">0</text>',
-             f'<text x="{left}" y="{height - 10}">step {xmin:g}</text>',
-             f'<text x="{left + pw}" y="{height - 10}" text-anchor="end">{xmax:g}</text>']
+    parts = [
+        f'<svg id="{chart_id}" class="chart line-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#999"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#999"/>',
+        f'<text x="4" y="{top + 10}">{ymax:.2f}</text><text x="4" y="{top + ph}">0</text>',
+        f'<text x="{left}" y="{height - 10}">step {xmin:g}</text>',
+        f'<text x="{left + pw}" y="{height - 10}" text-anchor="end">{xmax:g}</text>',
+    ]
     for name, pts in series.items():
-        parts.append(f'<polyline class="series" data-series="{escape(name)}" data-points="{len(pts)}" fill="none" '
-                     f'stroke="{COLOURS.get(name, "#777")}" stroke-width="1.5" '
-                     f'points="{" ".join(pt(x, y) for x, y in pts)}"><title>{escape(name)}</title></polyline>')
+        parts.append(
+            f'<polyline class="series" data-series="{escape(name)}" data-points="{len(pts)}" fill="none" '
+            f'stroke="{COLOURS.get(name, "#777")}" stroke-width="1.5" '
+            f'points="{" ".join(pt(x, y) for x, y in pts)}"><title>{escape(name)}</title></polyline>'
+        )
     parts.append(_legend(series, width - right + 10) + "</svg>")
     return "".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------ sections
+
 
 def _na(what: str) -> str:
     return f'<p class="na">Not available: {escape(what)}.</p>'
@@ -279,14 +326,21 @@ def _section(sid: str, title: str, body: str) -> str:
 def _kept_section(totals: Totals | None, capfilt_url: str) -> str:
     if totals is None:
         return _na(f"no CapFilt Parquet at {capfilt_url}")
-    head = ("<tr><th>source</th><th>texts</th><th>bad input</th><th>kept</th><th>kept share</th>"
-            "<th>kept share of usable texts</th></tr>")
-    rows = "".join(f'<tr data-source="{escape(r["source"])}"><td>{escape(r["source"])}</td>'
-                   f'<td class="texts">{r["texts"]}</td><td class="bad-input">{r["bad_input"]}</td>'
-                   f'<td class="kept">{r["kept"]}</td><td class="kept-share">{100 * r["kept_share"]:.1f}%</td>'
-                   f'<td>{100 * r["kept_share_usable"]:.1f}%</td></tr>' for r in totals.kept_share())
-    return (f"<table>{head}{rows}</table><p class=\"note\">Bad input (corrupt or missing image, empty or too long "
-            f"text) is never scored and never kept. Source: <code>{escape(capfilt_url)}</code></p>")
+    head = (
+        "<tr><th>source</th><th>texts</th><th>bad input</th><th>kept</th><th>kept share</th>"
+        "<th>kept share of usable texts</th></tr>"
+    )
+    rows = "".join(
+        f'<tr data-source="{escape(r["source"])}"><td>{escape(r["source"])}</td>'
+        f'<td class="texts">{r["texts"]}</td><td class="bad-input">{r["bad_input"]}</td>'
+        f'<td class="kept">{r["kept"]}</td><td class="kept-share">{100 * r["kept_share"]:.1f}%</td>'
+        f"<td>{100 * r['kept_share_usable']:.1f}%</td></tr>"
+        for r in totals.kept_share()
+    )
+    return (
+        f'<table>{head}{rows}</table><p class="note">Bad input (corrupt or missing image, empty or too long '
+        f"text) is never scored and never kept. Source: <code>{escape(capfilt_url)}</code></p>"
+    )
 
 
 def _histogram_section(totals: Totals | None, threshold: float) -> str:
@@ -297,9 +351,11 @@ def _histogram_section(totals: Totals | None, threshold: float) -> str:
         series = {s: totals.hists.get((col, s), np.zeros(bins, dtype=np.int64)).tolist() for s in ("web", "synthetic")}
         chart_id = f"hist-{col.split('_')[0]}"
         marker = threshold if col == "itm_score" else None
-        out.append(f"<figure><figcaption>{escape(title)}: share of each source's scored texts per bin"
-                   f"{' (dashed: keep threshold)' if marker is not None else ''}</figcaption>"
-                   f"{bar_chart(chart_id, lo, hi, series, marker)}</figure>")
+        out.append(
+            f"<figure><figcaption>{escape(title)}: share of each source's scored texts per bin"
+            f"{' (dashed: keep threshold)' if marker is not None else ''}</figcaption>"
+            f"{bar_chart(chart_id, lo, hi, series, marker)}</figure>"
+        )
     return "".join(out)
 
 
@@ -326,13 +382,18 @@ def _samples_section(files: list[str], ingest_url: str, n: int) -> str:
     for pick in picks:
         rows = sorted(by_image[pick], key=lambda r: (r["source"] != "web", r["candidate"] or 0))
         uri = data_uri(images.get(pick))
-        img = (f'<img src="{uri}" alt="{escape(pick[1])}">' if uri else '<div class="noimg">image not available</div>')
-        texts = "".join(f'<li class="{escape(r["source"])}"><span class="label">{escape(r["source"])}'
-                        f'{"" if r["candidate"] is None else " " + str(r["candidate"])}</span> '
-                        f'<q>{escape(r["text"] or "")}</q> <span class="score">ITM {_fmt(r["itm_score"])}</span> '
-                        f'{_decision(r)}</li>' for r in rows)
-        cards.append(f'<div class="card" data-shard="{escape(pick[0])}" data-key="{escape(pick[1])}">{img}'
-                     f'<div class="key">{escape(pick[0])}/{escape(pick[1])}</div><ul>{texts}</ul></div>')
+        img = f'<img src="{uri}" alt="{escape(pick[1])}">' if uri else '<div class="noimg">image not available</div>'
+        texts = "".join(
+            f'<li class="{escape(r["source"])}"><span class="label">{escape(r["source"])}'
+            f"{'' if r['candidate'] is None else ' ' + str(r['candidate'])}</span> "
+            f'<q>{escape(r["text"] or "")}</q> <span class="score">ITM {_fmt(r["itm_score"])}</span> '
+            f"{_decision(r)}</li>"
+            for r in rows
+        )
+        cards.append(
+            f'<div class="card" data-shard="{escape(pick[0])}" data-key="{escape(pick[1])}">{img}'
+            f'<div class="key">{escape(pick[0])}/{escape(pick[1])}</div><ul>{texts}</ul></div>'
+        )
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
@@ -347,10 +408,16 @@ def _training_section(rr: storage.RunRoot, k: int) -> str:
         body = line_chart(f"curve-{job}", series) if series else _na(f"no training losses in {url}")
         other = [r for r in rows or [] if r.get("kind", "train") != "train"]
         if other:
-            body += "<table class=\"small\">" + "".join(
-                f"<tr><th>{escape(str(r.get('kind')))}</th><td>"
-                + ", ".join(f"{escape(str(key))} {_fmt(v)}" for key, v in r.items() if key != "kind")
-                + "</td></tr>" for r in other) + "</table>"
+            body += (
+                '<table class="small">'
+                + "".join(
+                    f"<tr><th>{escape(str(r.get('kind')))}</th><td>"
+                    + ", ".join(f"{escape(str(key))} {_fmt(v)}" for key, v in r.items() if key != "kind")
+                    + "</td></tr>"
+                    for r in other
+                )
+                + "</table>"
+            )
         out.append(f'<div class="job" id="training-{job}"><h3>{job}</h3>{body}</div>')
     return "".join(out)
 
@@ -365,11 +432,19 @@ def _eval_section(rr: storage.RunRoot, k: int) -> str:
     evals = {j: _read_json_or_none(storage.join(rr.round(j, "eval"), "metrics.json")) for j in (k, k + 1)}
     if all(v is None for v in evals.values()):
         return _na(f"no evaluation for round {k} or {k + 1}")
-    head = (f"<tr><th>metric</th><th>round {k} pre-trained (web data)</th>"
-            f"<th>round {k + 1} pre-trained (bootstrapped data)</th></tr>")
-    rows = "".join(f'<tr data-metric="{name}"><td>{escape(label)}</td>'
-                   + "".join(f'<td class="round-{j}">{"not available" if evals[j] is None else _fmt(_lookup(evals[j], name), 2)}</td>'
-                             for j in (k, k + 1)) + "</tr>" for name, label in EVAL_ROWS)
+    head = (
+        f"<tr><th>metric</th><th>round {k} pre-trained (web data)</th>"
+        f"<th>round {k + 1} pre-trained (bootstrapped data)</th></tr>"
+    )
+    rows = "".join(
+        f'<tr data-metric="{name}"><td>{escape(label)}</td>'
+        + "".join(
+            f'<td class="round-{j}">{"not available" if evals[j] is None else _fmt(_lookup(evals[j], name), 2)}</td>'
+            for j in (k, k + 1)
+        )
+        + "</tr>"
+        for name, label in EVAL_ROWS
+    )
     missing = "".join(_na(f"round {j} has no evaluation yet") for j, v in evals.items() if v is None)
     return f"<table>{head}{rows}</table>{missing}"
 
@@ -384,16 +459,25 @@ def _agreement_section(rr: storage.RunRoot, k: int, has_parquet: bool) -> str:
     if a is None:
         return _na("ground truth unreadable")
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    items = [("web-rows", "web captions scored", a["web_rows"]), ("noisy", "noisy in truth", a["noisy"]),
-             ("removed", "removed by the filter", a["removed"]), ("precision", "precision", pct(a["precision"])),
-             ("recall", "recall", pct(a["recall"])), ("auc", "ROC-AUC of 1 - ITM", _fmt(a["filter_auc"])),
-             ("noise-before", "noise rate before", pct(a["noise_rate_before"])),
-             ("noise-after", "noise rate after", pct(a["noise_rate_after"]))]
+    items = [
+        ("web-rows", "web captions scored", a["web_rows"]),
+        ("noisy", "noisy in truth", a["noisy"]),
+        ("removed", "removed by the filter", a["removed"]),
+        ("precision", "precision", pct(a["precision"])),
+        ("recall", "recall", pct(a["recall"])),
+        ("auc", "ROC-AUC of 1 - ITM", _fmt(a["filter_auc"])),
+        ("noise-before", "noise rate before", pct(a["noise_rate_before"])),
+        ("noise-after", "noise rate after", pct(a["noise_rate_after"])),
+    ]
     rows = "".join(f'<tr data-metric="{m}"><td>{escape(label)}</td><td>{v}</td></tr>' for m, label, v in items)
-    types = "".join(f'<tr><td>{escape(t)}</td><td>{v["noisy"]}</td><td>{v["removed"]}</td><td>{pct(v["recall"])}</td></tr>'
-                    for t, v in a["by_noise_type"].items())
-    return (f"<table>{rows}</table><h3>By noise type</h3><table><tr><th>noise type</th><th>noisy</th>"
-            f"<th>removed</th><th>recall</th></tr>{types}</table>")
+    types = "".join(
+        f"<tr><td>{escape(t)}</td><td>{v['noisy']}</td><td>{v['removed']}</td><td>{pct(v['recall'])}</td></tr>"
+        for t, v in a["by_noise_type"].items()
+    )
+    return (
+        f"<table>{rows}</table><h3>By noise type</h3><table><tr><th>noise type</th><th>noisy</th>"
+        f"<th>removed</th><th>recall</th></tr>{types}</table>"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ page
@@ -422,18 +506,23 @@ def render_report(cfg: RunConfig, root: str, round: int, samples: int = 24) -> s
     warn = "" if committed or not files else _na("the CapFilt stage has not committed; partial output shown")
     sections = [
         _section("kept-share", "Kept share by source", warn + _kept_section(totals, capfilt_url)),
-        _section("score-histograms", "Filter scores: web vs synthetic texts",
-                 _histogram_section(totals, cfg.capfilt.itm_threshold)),
+        _section(
+            "score-histograms",
+            "Filter scores: web vs synthetic texts",
+            _histogram_section(totals, cfg.capfilt.itm_threshold),
+        ),
         _section("samples", "Sample images and their captions", _samples_section(files, ingest_url, samples)),
         _section("training-curves", "Training curves", _training_section(rr, round)),
         _section("evaluation", "Evaluation on the held-out set", _eval_section(rr, round)),
         _section("filter-agreement", "Filter vs ground truth", _agreement_section(rr, round, bool(files))),
     ]
     title = f"CapFilt report: {cfg.name}, round {round}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f'<style>{CSS}</style></head><body><h1>{escape(title)}</h1><p class="note">Run root '
-            f'<code>{escape(root)}</code>; keep rule: {escape(_keep_rule(capfilt_url, committed))}.</p>'
-            f'{"".join(sections)}</body></html>')
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f'<style>{CSS}</style></head><body><h1>{escape(title)}</h1><p class="note">Run root '
+        f"<code>{escape(root)}</code>; keep rule: {escape(_keep_rule(capfilt_url, committed))}.</p>"
+        f"{''.join(sections)}</body></html>"
+    )
 
 
 def _keep_rule(capfilt_url: str, committed: bool) -> str:

@@ -9,6 +9,7 @@ Parquet's ``shard`` column holds.
 Images stay encoded here: decoding belongs to the stage that needs pixels, where a corrupt image is a
 per-row status rather than a failed read.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,9 @@ import json
 import logging
 import posixpath
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
-
+from typing import TYPE_CHECKING, Any
 
 from . import storage
 
@@ -145,8 +146,9 @@ def _require_end_of_archive(tar: tarfile.TarFile, shard_url: str) -> None:
     while stream.read(1 << 16):
         pass
     if stream.pos < tar.offset + tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"{shard_url} ends after {stream.pos} bytes without the end-of-archive blocks: "
-                                "the shard is truncated")
+        raise tarfile.ReadError(
+            f"{shard_url} ends after {stream.pos} bytes without the end-of-archive blocks: the shard is truncated"
+        )
 
 
 def sort_shard(shard_url: str, **storage_options: Any) -> bool:
@@ -225,8 +227,9 @@ def _to_rows(batch: dict) -> dict:
     }
 
 
-def read_shards_ray(shard_urls: Sequence[str], *, storage_options: dict | None = None,
-                    override_num_blocks: int | None = None) -> "ray.data.Dataset":
+def read_shards_ray(
+    shard_urls: Sequence[str], *, storage_options: dict | None = None, override_num_blocks: int | None = None
+) -> ray.data.Dataset:
     """Shards -> a Ray Dataset of rows ``key, shard, url, text, image`` (encoded bytes; None if missing).
 
     Built on ``ray.data.read_webdataset`` with decoding off; one read task per shard keeps the shard the

@@ -4,13 +4,13 @@ A *unit* (``StreamUnit``) is the smallest piece of work a stream slot takes (a s
 a shard of a round's bootstrapped dataset); a *source* lists its units and reads one, front to back, as RawSamples
 (image still encoded or named by URL). ``ShardStream`` (pipelines/stream.py) decides who reads which unit.
 """
+
 from __future__ import annotations
 
 import abc
-
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
-
+from typing import Any, NamedTuple
 
 from . import storage
 from .shards import iter_shard, shard_name, shard_size
@@ -80,14 +80,17 @@ class ShardSource(Source):
 
     def units(self, with_sizes: bool = False) -> list[StreamUnit]:
         return [
-            StreamUnit(f"{self.source}/{shard_name(u)}", u,
-                       shard_size(u, **self.storage_options) if with_sizes else None)
+            StreamUnit(
+                f"{self.source}/{shard_name(u)}", u, shard_size(u, **self.storage_options) if with_sizes else None
+            )
             for u in self.shard_urls
         ]
 
     def read(self, unit: StreamUnit) -> Iterator[RawSample]:
         for s in iter_shard(unit.ref, **self.storage_options):
-            yield RawSample(key=s.key, image_id=f"{self.source}:{s.key}", text=s.text, source=self.source, image=s.image)
+            yield RawSample(
+                key=s.key, image_id=f"{self.source}:{s.key}", text=s.text, source=self.source, image=s.image
+            )
 
 
 def source_name(shard_url: str) -> str:

@@ -14,6 +14,7 @@ half result. This works the same on a local disk and on object stores (where ren
 **Storage options.** Every function takes fsspec's keyword arguments for the filesystem (``key``, ``secret``,
 ``client_kwargs``...); without them fsspec's environment (``AWS_ENDPOINT_URL``, ``FSSPEC_S3_*``) decides.
 """
+
 from __future__ import annotations
 
 import contextlib

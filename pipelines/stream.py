@@ -36,6 +36,7 @@ each worker also logs its counts when it finishes an epoch.
 A sample's augmentation is seeded from (seed, epoch, image_id, text): reruns and other cluster sizes
 augment the same sample the same way (the order of samples does depend on the cluster size).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,8 @@ import logging
 import random
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -62,8 +64,16 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def assign_units(n_units: int, *, epoch: int, seed: int, world_size: int, num_workers: int,
-                 shuffle: bool = True, sizes: Sequence[int | None] | None = None) -> list[list[int]]:
+def assign_units(
+    n_units: int,
+    *,
+    epoch: int,
+    seed: int,
+    world_size: int,
+    num_workers: int,
+    shuffle: bool = True,
+    sizes: Sequence[int | None] | None = None,
+) -> list[list[int]]:
     """Unit indices per slot (slot = worker_id * world_size + rank) for one epoch; see the module docstring.
 
     ``sizes`` (samples per unit): when given and all known, units are dealt longest first to the slot with the
@@ -188,9 +198,15 @@ class ShardStream(IterableDataset):
     def plan(self, num_workers: int = 1, epoch: int | None = None) -> list[list[tuple[int, StreamUnit]]]:
         """Units per slot for an epoch (slot = worker_id * world_size + rank), as every process computes it."""
         epoch = self.epoch if epoch is None else epoch
-        slots = assign_units(len(self.units), epoch=epoch, seed=self.seed, world_size=self.world_size,
-                             num_workers=max(1, num_workers), shuffle=self.shuffle_units,
-                             sizes=[u.size for _, u in self.units])
+        slots = assign_units(
+            len(self.units),
+            epoch=epoch,
+            seed=self.seed,
+            world_size=self.world_size,
+            num_workers=max(1, num_workers),
+            shuffle=self.shuffle_units,
+            sizes=[u.size for _, u in self.units],
+        )
         return [[self.units[i] for i in s] for s in slots]
 
     def pad_target(self, num_workers: int = 1, epoch: int | None = None) -> int:
@@ -199,8 +215,9 @@ class ShardStream(IterableDataset):
             raise ValueError("padding needs unit sizes; construct the stream with balance='pad'")
         return max((sum(u.size for _, u in slot) for slot in self.plan(num_workers, epoch)), default=0)
 
-    def steps_per_epoch(self, batch_size: int, num_workers: int = 0, *, drop_last: bool = False,
-                        epoch: int | None = None) -> int:
+    def steps_per_epoch(
+        self, batch_size: int, num_workers: int = 0, *, drop_last: bool = False, epoch: int | None = None
+    ) -> int:
         """Batches every rank's DataLoader yields in an epoch under ``balance="pad"`` (the same on all ranks).
 
         A DataLoader batches inside each worker, so this is per worker, times the number of workers.
@@ -250,16 +267,21 @@ class ShardStream(IterableDataset):
             if target is None or yielded >= target:
                 break
             if pass_no > 0 and not got_any:
-                log.error("stream slot %d: padding source yields no decodable sample; stopping at %d of %d",
-                          slot, yielded, target)
+                log.error(
+                    "stream slot %d: padding source yields no decodable sample; stopping at %d of %d",
+                    slot,
+                    yielded,
+                    target,
+                )
                 break
             if pass_no == len(passes) - 1:
                 passes.append(passes[-1])  # keep repeating until the target
             pass_no += 1
         self._log_epoch(epoch, worker_id, slot, len(mine), before, time.perf_counter() - started)
 
-    def _raw(self, units: list[tuple[int, StreamUnit]], worker_id: int,
-             count: bool = True) -> Iterator[tuple[int, RawSample]]:
+    def _raw(
+        self, units: list[tuple[int, StreamUnit]], worker_id: int, count: bool = True
+    ) -> Iterator[tuple[int, RawSample]]:
         for source_index, unit in units:
             try:
                 for raw in self.sources[source_index].read(unit):
@@ -269,8 +291,9 @@ class ShardStream(IterableDataset):
                     self._count(worker_id, "broken_units")
                     log.error("unit %s is broken and was cut short: %s", unit.name, err)
 
-    def _materialise(self, source: Source, raw: RawSample, epoch: int, worker_id: int,
-                     repeat: int = 0) -> Sample | None:
+    def _materialise(
+        self, source: Source, raw: RawSample, epoch: int, worker_id: int, repeat: int = 0
+    ) -> Sample | None:
         count = repeat == 0
         data = raw.image
         if data is None and raw.image_url is not None:
@@ -303,17 +326,29 @@ class ShardStream(IterableDataset):
 
     def _worker_counts(self, worker_id: int) -> list[int]:
         row = 1 + (worker_id % MAX_WORKERS) * len(COUNTERS)
-        return self._shared[row:row + len(COUNTERS)].tolist()
+        return self._shared[row : row + len(COUNTERS)].tolist()
 
-    def _log_epoch(self, epoch: int, worker_id: int, slot: int, n_units: int, before: list[int],
-                   seconds: float) -> None:
+    def _log_epoch(
+        self, epoch: int, worker_id: int, slot: int, n_units: int, before: list[int], seconds: float
+    ) -> None:
         delta = dict(zip(COUNTERS, (a - b for a, b in zip(self._worker_counts(worker_id), before))))
         bad = delta["corrupt"] + delta["missing"] + delta["broken_units"]
-        log.log(logging.WARNING if bad else logging.INFO,
-                "stream epoch %d rank %d worker %d (slot %d, %d units): %d samples (%.0f/s), %d corrupt images "
-                "skipped, %d missing images, %d broken units, %d repeated for padding",
-                epoch, self.rank, worker_id, slot, n_units, delta["samples"], delta["samples"] / max(seconds, 1e-9),
-                delta["corrupt"], delta["missing"], delta["broken_units"], delta["repeated"])
+        log.log(
+            logging.WARNING if bad else logging.INFO,
+            "stream epoch %d rank %d worker %d (slot %d, %d units): %d samples (%.0f/s), %d corrupt images "
+            "skipped, %d missing images, %d broken units, %d repeated for padding",
+            epoch,
+            self.rank,
+            worker_id,
+            slot,
+            n_units,
+            delta["samples"],
+            delta["samples"] / max(seconds, 1e-9),
+            delta["corrupt"],
+            delta["missing"],
+            delta["broken_units"],
+            delta["repeated"],
+        )
 
 
 def _distributed_position() -> tuple[int, int]:

@@ -5,6 +5,7 @@ ground truth (precision and recall of removing noisy web captions, ROC-AUC of it
 k+1 evaluation; a DuckDB one-liner; and where the Parquet, checkpoints and evaluations are. Returned both as
 plain text (printed by ``make demo``) and as markdown (the Prefect artifact).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,7 +22,9 @@ from .config import RunConfig
 
 def _read_table(url: str, columns: list[str]) -> pa.Table:
     fs, path = storage.filesystem(url)
-    files = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+    files = sorted(
+        p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
+    )
     tables = []
     for f in files:
         with fs.open(f, "rb") as fh:
@@ -61,11 +64,17 @@ def filter_agreement(capfilt_url: str, truth_url: str) -> dict[str, Any] | None:
     types = np.array([type_by_path.get(p) for p in paths], dtype=object)[known]
     for t in sorted({t for t in types if t}):
         sel = types == t
-        by_type[t] = {"noisy": int(sel.sum()), "removed": int((removed & sel).sum()),
-                      "recall": float((removed & sel).sum() / max(int(sel.sum()), 1))}
+        by_type[t] = {
+            "noisy": int(sel.sum()),
+            "removed": int((removed & sel).sum()),
+            "recall": float((removed & sel).sum() / max(int(sel.sum()), 1)),
+        }
     return {
-        "web_rows": int(len(noisy)), "noisy": int(noisy.sum()), "removed": int(removed.sum()),
-        "precision": tp / max(int(removed.sum()), 1), "recall": tp / max(int(noisy.sum()), 1),
+        "web_rows": int(len(noisy)),
+        "noisy": int(noisy.sum()),
+        "removed": int(removed.sum()),
+        "precision": tp / max(int(removed.sum()), 1),
+        "recall": tp / max(int(noisy.sum()), 1),
         "filter_auc": roc_auc(-itm, noisy),  # a low P(match) should flag a noisy caption
         "noise_rate_before": float(noisy.mean()) if len(noisy) else None,
         "noise_rate_after": float((noisy & ~removed).sum() / max(int((~removed).sum()), 1)),
@@ -78,23 +87,32 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
     rounds = cfg.flow.rounds
     ingest_url = rr.ingest(cfg.ingest.source)
     manifest = storage.read_json(storage.join(ingest_url, "manifest.json"))
-    out: dict[str, Any] = {"root": root, "ingest": {k: manifest.get(k) for k in ("total", "successes", "success_rate")},
-                           "rounds": []}
+    out: dict[str, Any] = {
+        "root": root,
+        "ingest": {k: manifest.get(k) for k in ("total", "successes", "success_rate")},
+        "rounds": [],
+    }
     truth = storage.join(rr.world(), "truth", "web.parquet")
     for k in range(1, rounds + 1):
         capfilt_url = rr.round(k, "capfilt")
         dataset = storage.read_json(storage.join(rr.round(k, "dataset"), "summary.json"))
-        out["rounds"].append({
-            "round": k, "capfilt": capfilt_url, "dataset": dataset,
-            "filter_vs_truth": filter_agreement(capfilt_url, truth) if cfg.world is not None else None,
-            "captioner": storage.join(rr.round(k, "captioner"), "model"),
-            "filter": storage.join(rr.round(k, "filter"), "model"),
-            "report": storage.join(rr.round(k, "eval"), "report.html"),
-        })
+        out["rounds"].append(
+            {
+                "round": k,
+                "capfilt": capfilt_url,
+                "dataset": dataset,
+                "filter_vs_truth": filter_agreement(capfilt_url, truth) if cfg.world is not None else None,
+                "captioner": storage.join(rr.round(k, "captioner"), "model"),
+                "filter": storage.join(rr.round(k, "filter"), "model"),
+                "report": storage.join(rr.round(k, "eval"), "report.html"),
+            }
+        )
     out["eval_paths"] = {k: storage.join(rr.round(k, "eval"), "metrics.json") for k in range(1, rounds + 2)}
     out["eval"] = {k: storage.read_json(url) for k, url in out["eval_paths"].items()}
-    out["duckdb"] = (f"duckdb -c \"SELECT source, count(*) AS rows, avg(keep::INT) AS kept_share FROM "
-                     f"read_parquet('{storage.join(rr.round(1, 'capfilt'), 'part-*.parquet')}') GROUP BY source\"")
+    out["duckdb"] = (
+        f'duckdb -c "SELECT source, count(*) AS rows, avg(keep::INT) AS kept_share FROM '
+        f"read_parquet('{storage.join(rr.round(1, 'capfilt'), 'part-*.parquet')}') GROUP BY source\""
+    )
     out["text"], out["markdown"] = _render(out)
     return out
 
@@ -105,33 +123,57 @@ def _pct(x: float | None) -> str:
 
 def _render(s: dict) -> tuple[str, str]:
     ing = s["ingest"]
-    text = [f"capfilt run at {s['root']}",
-            f"  images ingested: {ing['successes']} of {ing['total']} URLs ({_pct(ing['success_rate'])})"]
-    md = [f"# CapFilt bootstrap: `{s['root']}`", "",
-          f"Images ingested: **{ing['successes']}** of {ing['total']} URLs ({_pct(ing['success_rate'])}).", ""]
-    md += ["| round | web kept | synthetic kept | human pairs | next-round pairs | filter precision | filter recall | filter AUC |",
-           "|---|---|---|---|---|---|---|---|"]
+    text = [
+        f"capfilt run at {s['root']}",
+        f"  images ingested: {ing['successes']} of {ing['total']} URLs ({_pct(ing['success_rate'])})",
+    ]
+    md = [
+        f"# CapFilt bootstrap: `{s['root']}`",
+        "",
+        f"Images ingested: **{ing['successes']}** of {ing['total']} URLs ({_pct(ing['success_rate'])}).",
+        "",
+    ]
+    md += [
+        "| round | web kept | synthetic kept | human pairs | next-round pairs | filter precision | filter recall | filter AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in s["rounds"]:
         d, f = r["dataset"], r["filter_vs_truth"]
         web = d["web"]["kept"] / max(d["web"]["total"], 1)
         syn = d["synthetic"]["kept"] / max(d["synthetic"]["total"], 1)
-        text.append(f"  round {r['round']}: kept {d['web']['kept']}/{d['web']['total']} web texts ({_pct(web)}), "
-                    f"{d['synthetic']['kept']}/{d['synthetic']['total']} synthetic ({_pct(syn)}); "
-                    f"next round trains on {d['total_pairs']} pairs")
+        text.append(
+            f"  round {r['round']}: kept {d['web']['kept']}/{d['web']['total']} web texts ({_pct(web)}), "
+            f"{d['synthetic']['kept']}/{d['synthetic']['total']} synthetic ({_pct(syn)}); "
+            f"next round trains on {d['total_pairs']} pairs"
+        )
         if f:
             auc = "n/a" if f["filter_auc"] is None else f"{f['filter_auc']:.3f}"
-            text.append(f"    filter vs ground truth: removed {f['removed']} of {f['web_rows']} web captions; "
-                        f"precision {_pct(f['precision'])}, recall {_pct(f['recall'])} of the {f['noisy']} noisy ones; "
-                        f"ITM AUC {auc}; noise {_pct(f['noise_rate_before'])} -> {_pct(f['noise_rate_after'])}")
-        md.append(f"| {r['round']} | {d['web']['kept']}/{d['web']['total']} ({_pct(web)}) | "
-                  f"{d['synthetic']['kept']}/{d['synthetic']['total']} ({_pct(syn)}) | {d['human']['pairs']} | {d['total_pairs']} | "
-                  + (f"{_pct(f['precision'])} | {_pct(f['recall'])} | {f['filter_auc'] if f['filter_auc'] is None else round(f['filter_auc'], 3)} |" if f else "n/a | n/a | n/a |"))
-    md += ["", "| evaluated model | retrieval R@1 (mean TR/IR) | CIDEr | caption attribute accuracy |", "|---|---|---|---|"]
+            text.append(
+                f"    filter vs ground truth: removed {f['removed']} of {f['web_rows']} web captions; "
+                f"precision {_pct(f['precision'])}, recall {_pct(f['recall'])} of the {f['noisy']} noisy ones; "
+                f"ITM AUC {auc}; noise {_pct(f['noise_rate_before'])} -> {_pct(f['noise_rate_after'])}"
+            )
+        md.append(
+            f"| {r['round']} | {d['web']['kept']}/{d['web']['total']} ({_pct(web)}) | "
+            f"{d['synthetic']['kept']}/{d['synthetic']['total']} ({_pct(syn)}) | {d['human']['pairs']} | {d['total_pairs']} | "
+            + (
+                f"{_pct(f['precision'])} | {_pct(f['recall'])} | {f['filter_auc'] if f['filter_auc'] is None else round(f['filter_auc'], 3)} |"
+                if f
+                else "n/a | n/a | n/a |"
+            )
+        )
+    md += [
+        "",
+        "| evaluated model | retrieval R@1 (mean TR/IR) | CIDEr | caption attribute accuracy |",
+        "|---|---|---|---|",
+    ]
     text.append("  evaluation on the held-out set (each round's pre-trained model):")
     for k, m in s["eval"].items():
         attr = m.get("caption_attribute_accuracy")
         attr_s = "n/a" if attr is None else f"{attr:.1f}%"
-        text.append(f"    round {k}: retrieval R@1 {m['retrieval_r1']:.1f}, CIDEr {m['cider']:.1f}, attribute accuracy {attr_s}")
+        text.append(
+            f"    round {k}: retrieval R@1 {m['retrieval_r1']:.1f}, CIDEr {m['cider']:.1f}, attribute accuracy {attr_s}"
+        )
         md.append(f"| round {k} pre-trained | {m['retrieval_r1']:.1f} | {m['cider']:.1f} | {attr_s} |")
     paths = [("CapFilt Parquet", r["capfilt"]) for r in s["rounds"]]
     paths += [(f"round {r['round']} captioner", r["captioner"]) for r in s["rounds"]]
@@ -143,4 +185,3 @@ def _render(s: dict) -> tuple[str, str]:
     text.append(f"  query it: {s['duckdb']}")
     md += ["", "Paths:", ""] + [f"- {name}: `{p}`" for name, p in paths] + ["", "```", s["duckdb"], "```"]
     return "\n".join(text), "\n".join(md)
-

@@ -6,6 +6,7 @@ one test at a fresh ``s3://capfilt-test/<unique>`` prefix and exports the settin
 img2dataset's workers read from the environment (``AWS_ENDPOINT_URL`` and dummy keys: SeaweedFS without an
 identity config accepts any), so in-process code and ``capfilt`` subprocesses reach the same server.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,10 +17,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -134,13 +135,26 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     (workdir / "data").mkdir()
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
     cmd = [
-        _weed_binary(), "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-volume.max=0",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        _weed_binary(),
+        "server",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={workdir / 'filer.sock'}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.localSocket={workdir / 's3.sock'}",
     ]
     log = workdir / "weed.log"
@@ -159,8 +173,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield S3Server(endpoint=endpoint, bucket=BUCKET, env=env, log=log)
     finally:
         _stop(proc)
-        for port, kind in ((master_grpc, "master-grpc"), (volume_grpc, "volume-grpc"), (s3_grpc, "s3-grpc"),
-                           (filer_grpc, "filer-grpc")):
+        for port, kind in (
+            (master_grpc, "master-grpc"),
+            (volume_grpc, "volume-grpc"),
+            (s3_grpc, "s3-grpc"),
+            (filer_grpc, "filer-grpc"),
+        ):
             Path(f"/tmp/seaweedfs-{kind}-{port}.sock").unlink(missing_ok=True)
 
 
@@ -182,8 +200,12 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, env: dict[str, str], log:
             time.sleep(0.3)
             continue
         try:
-            fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=env["AWS_ACCESS_KEY_ID"],
-                                   secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+            fs = s3fs.S3FileSystem(
+                endpoint_url=endpoint,
+                key=env["AWS_ACCESS_KEY_ID"],
+                secret=env["AWS_SECRET_ACCESS_KEY"],
+                skip_instance_cache=True,
+            )
             if not fs.exists(BUCKET):
                 fs.mkdir(BUCKET)
             fs.pipe(f"{BUCKET}/_ready", b"ok")
@@ -206,4 +228,3 @@ def s3_root(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, request: pytes
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     yield f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem.clear_instance_cache()
-

@@ -3,6 +3,7 @@ fixed-shape chunks of exactly ``capfilt.model_batch_size`` images, padded with b
 every forward pass has the same shapes whatever the number of actors, Ray's batch size or a row's neighbours.
 (A GEMM over a different number of rows may round differently in the last bit, and even over the same shapes a
 CPU kernel may round a row by its position in the chunk: a score can move by ~1e-7 with a row's neighbours.)"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ from .settings import Settings
 
 def fixed_chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(indices), size):
-        yield list(indices[start:start + size])
+        yield list(indices[start : start + size])
 
 
 def texts_of(batch: dict[str, np.ndarray], i: int, k: int) -> list[tuple[str, bool]]:
@@ -81,8 +82,9 @@ class ScoreActor(ModelActor):
     """A scorer's columns for each of an image's 1 + K texts (NaN where a text is not scored). The last scorer
     of the pipeline (the filter) also turns the batch into output rows."""
 
-    def __init__(self, ref: ModelRef, settings: Settings, pool: dict, drop_columns: Sequence[str] = (),
-                 emit_rows: bool = False):
+    def __init__(
+        self, ref: ModelRef, settings: Settings, pool: dict, drop_columns: Sequence[str] = (), emit_rows: bool = False
+    ):
         super().__init__(ref, settings, pool, drop_columns)
         self.emit_rows = emit_rows
 

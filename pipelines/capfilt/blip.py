@@ -1,5 +1,6 @@
 """BLIP's captioner (image-grounded decoder) and filter (ITM head and ITC features): the CapFilt of the paper.
 Checkpoints default to round K's fine-tunes, ``<root>/round=K/{captioner,filter}/model``."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from .models import Captioner, CapfiltError, ModelRef, Scorer, content_id, register_captioner, register_scorer
+from .models import CapfiltError, Captioner, ModelRef, Scorer, content_id, register_captioner, register_scorer
 from .pixels import blip_pixels
 
 
@@ -35,8 +36,10 @@ def checkpoint_url(cfg, root: str, round: int, role: str) -> str:
     if given is None:
         job = storage.RunRoot(root).round(round, role)
         if not storage.is_committed(job):
-            raise CapfiltError(f"no committed {role} for round {round} at {job}: run "
-                               f"`capfilt finetune --round {round} --role {role}` first, or set capfilt.{role}")
+            raise CapfiltError(
+                f"no committed {role} for round {round} at {job}: run "
+                f"`capfilt finetune --round {round} --role {role}` first, or set capfilt.{role}"
+            )
         given = storage.join(job, "model")
     if not storage.exists(given):
         raise CapfiltError(f"capfilt.{role}: no checkpoint at {given}")
@@ -76,8 +79,13 @@ class BlipCaptioner(Captioner):
         import torch
 
         s, k = self.settings, self.settings.num_samples
-        common = dict(max_length=s.max_length, min_length=s.min_length, repetition_penalty=s.repetition_penalty,
-                      num_return_sequences=k, prompt=s.prompt)
+        common = dict(
+            max_length=s.max_length,
+            min_length=s.min_length,
+            repetition_penalty=s.repetition_penalty,
+            num_return_sequences=k,
+            prompt=s.prompt,
+        )
         with torch.inference_mode():
             if s.method == "nucleus":
                 out = self.model.generate(images, top_p=s.top_p, seeds=list(seeds), **common)

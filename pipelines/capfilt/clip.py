@@ -1,5 +1,6 @@
 """The LAION-style CLIP score: cosine similarity of open_clip image and text embeddings, from any open_clip
 architecture and a local checkpoint (nothing is downloaded). Enabled by a ``capfilt.scorers.clip`` section."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,10 @@ def clip_pixels(model: str, model_config_file: str | None) -> PixelSpec:
     register_architecture(model_config_file)
     mcfg = open_clip.get_model_config(model)
     if mcfg is None:
-        raise CapfiltError(f"capfilt.scorers.clip.model: open_clip has no architecture {model!r} "
-                           "(set capfilt.scorers.clip.model_config_file for a custom one)")
+        raise CapfiltError(
+            f"capfilt.scorers.clip.model: open_clip has no architecture {model!r} "
+            "(set capfilt.scorers.clip.model_config_file for a custom one)"
+        )
     size = mcfg.get("vision_cfg", {}).get("image_size", 224)
     size = size if isinstance(size, int) else int(size[0])
     return PixelSpec("clip", size, tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD))

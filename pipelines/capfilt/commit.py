@@ -13,6 +13,7 @@ every unit is done the directory is committed with ``storage.commit`` (the summa
 the job at any moment therefore leaves each unit either absent, or present and identical to what an
 uninterrupted run writes: one row per (key, source, candidate), none duplicated, none missing.
 """
+
 from __future__ import annotations
 
 import io
@@ -61,7 +62,7 @@ class Plan:
 def make_units(shard_urls: Sequence[str], per_unit: int) -> list[Unit]:
     units = []
     for i, start in enumerate(range(0, len(shard_urls), per_unit)):
-        group = list(shard_urls[start:start + per_unit])
+        group = list(shard_urls[start : start + per_unit])
         names = [shard_name(u) for u in group]
         name = f"part-{names[0]}" if len(names) == 1 else f"part-{names[0]}_{names[-1]}"
         units.append(Unit(i, name, group))
@@ -81,8 +82,10 @@ def load_or_create_plan(out: str, shard_urls: Sequence[str], settings: Settings,
         stored = storage.read_json(url)
         diff = _diff(stored["fingerprint"], fp)
         if diff:
-            raise CapfiltError(f"{out} holds CapFilt output of other settings ({'; '.join(diff)}); remove that "
-                               "directory to start over, or run with the settings it was started with")
+            raise CapfiltError(
+                f"{out} holds CapFilt output of other settings ({'; '.join(diff)}); remove that "
+                "directory to start over, or run with the settings it was started with"
+            )
         stored_names = [s for u in stored["units"] for s in u["shards"]]
         if stored_names != names:
             raise CapfiltError(f"{out} was planned over other shards ({len(stored_names)} then, {len(names)} now)")
@@ -92,9 +95,14 @@ def load_or_create_plan(out: str, shard_urls: Sequence[str], settings: Settings,
             log.warning("%s was planned with other unit sizes; the stored plan wins", out)
         return Plan(units, fp)
     units = make_units(shard_urls, per_unit)
-    storage.write_json(url, {
-        "fingerprint": fp, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "units": [{"index": u.index, "name": u.name, "shards": [shard_name(s) for s in u.shards]} for u in units]})
+    storage.write_json(
+        url,
+        {
+            "fingerprint": fp,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "units": [{"index": u.index, "name": u.name, "shards": [shard_name(s) for s in u.shards]} for u in units],
+        },
+    )
     return Plan(units, fp)
 
 
@@ -135,8 +143,9 @@ def counts(table: pa.Table) -> dict:
     return out
 
 
-def write_unit(out: str, unit: Unit, table: pa.Table, settings: Settings, row_group_size: int,
-               shard_errors: list[dict]) -> dict:
+def write_unit(
+    out: str, unit: Unit, table: pa.Table, settings: Settings, row_group_size: int, shard_errors: list[dict]
+) -> dict:
     """Publish one unit: its Parquet file, then its done marker (see the module docstring)."""
     if UNIT_COLUMN in table.column_names:
         table = table.drop_columns([UNIT_COLUMN])
@@ -146,23 +155,36 @@ def write_unit(out: str, unit: Unit, table: pa.Table, settings: Settings, row_gr
     meta["capfilt.unit"] = json.dumps({"name": unit.name, "shards": [shard_name(s) for s in unit.shards]})
     table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size, write_statistics=True,
-                   write_page_index=True)
+    pq.write_table(
+        table, buf, compression="zstd", row_group_size=row_group_size, write_statistics=True, write_page_index=True
+    )
     data = buf.getvalue()
     storage.publish_bytes(storage.join(out, unit.file), data)
-    marker = {"unit": unit.name, "file": unit.file, "shards": [shard_name(s) for s in unit.shards],
-              "bytes": len(data), **counts(table), "shard_errors": shard_errors,
-              "fingerprint": settings.fingerprint(),
-              "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker = {
+        "unit": unit.name,
+        "file": unit.file,
+        "shards": [shard_name(s) for s in unit.shards],
+        "bytes": len(data),
+        **counts(table),
+        "shard_errors": shard_errors,
+        "fingerprint": settings.fingerprint(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     storage.write_json(unit_marker(out, unit), marker)
     return marker
 
 
 def summarize(plan: Plan, done: dict[int, dict]) -> dict:
     """The stage summary from the units' markers (stored in ``_COMMITTED``)."""
-    total = {"units": len(plan.units), "files": [], "rows": 0, "images": 0,
-             "by_source": {"web": {"rows": 0, "kept": 0}, "synthetic": {"rows": 0, "kept": 0}},
-             "by_status": {}, "shard_errors": []}
+    total = {
+        "units": len(plan.units),
+        "files": [],
+        "rows": 0,
+        "images": 0,
+        "by_source": {"web": {"rows": 0, "kept": 0}, "synthetic": {"rows": 0, "kept": 0}},
+        "by_status": {},
+        "shard_errors": [],
+    }
     for u in plan.units:
         m = done[u.index]
         total["files"].append(u.file)

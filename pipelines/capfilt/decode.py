@@ -2,6 +2,7 @@
 and yields blocks of decoded rows, each model's pixels resized to uint8 once. An image that is missing or cannot
 be decoded keeps a status; a text that is empty or too long keeps a status; a shard whose tar is truncated
 yields the rows before the break and one internal row that reports it."""
+
 from __future__ import annotations
 
 import logging
@@ -67,9 +68,14 @@ class ShardDecoder:
                     ist, err = "corrupt_image", f"{type(e).__name__}: {e}"[:500]
             istat.append(ist)
             errors.append(err)
-        out.update(text=np.array(texts, dtype=object), text_length=np.array(lengths, dtype=np.int32),
-                   text_status=np.array(tstat, dtype=object), image_status=np.array(istat, dtype=object),
-                   error=np.array(errors, dtype=object), **pixels)
+        out.update(
+            text=np.array(texts, dtype=object),
+            text_length=np.array(lengths, dtype=np.int32),
+            text_status=np.array(tstat, dtype=object),
+            image_status=np.array(istat, dtype=object),
+            error=np.array(errors, dtype=object),
+            **pixels,
+        )
         return out
 
     def __call__(self, shard_url: str, unit: int) -> Iterator[dict[str, np.ndarray]]:
@@ -115,16 +121,21 @@ def shard_datasource(items: Sequence[tuple[str, int]], settings: Settings):
         def read_fn():
             for batch in ShardDecoder(settings)(url, unit):
                 yield BlockAccessor.batch_to_block(batch)
+
         return read_fn
 
     class ShardDatasource(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list:
-            return [ReadTask(make(url, unit), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                                            input_files=(url,)))
-                    for url, unit in items]
+        def get_read_tasks(
+            self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+        ) -> list:
+            return [
+                ReadTask(
+                    make(url, unit), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(url,))
+                )
+                for url, unit in items
+            ]
 
     return ShardDatasource()

@@ -1,5 +1,6 @@
 """The caption-filter stages in one process, without Ray: the bare-model baseline of
 ``benchmarks/bench_capfilt.py``, and a way to debug one shard. Models load here."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ class LocalRunner:
         for i, url in enumerate(shard_urls):
             for block in self.decoder(url, i):
                 for start in range(0, len(block["key"]), batch_size):
-                    b = {c: v[start:start + batch_size] for c, v in block.items()}
+                    b = {c: v[start : start + batch_size] for c, v in block.items()}
                     for stage in self.stages:
                         b = stage(b)
                     tables.append(b)

@@ -7,6 +7,7 @@ Adding one: subclass, decorate with ``@register_captioner("name")`` / ``@registe
 in the config (``capfilt.captioner_kind: name``, or a ``capfilt.scorers.name:`` section). A module outside this
 package is listed in ``capfilt.plugins``: it is imported on the driver and its code ships to the Ray workers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,6 +94,7 @@ def register_captioner(name: str):
     def add(cls: type[Captioner]) -> type[Captioner]:
         CAPTIONERS[name] = cls
         return cls
+
     return add
 
 
@@ -100,20 +102,25 @@ def register_scorer(name: str):
     def add(cls: type[Scorer]) -> type[Scorer]:
         SCORERS[name] = cls
         return cls
+
     return add
 
 
 def captioner_class(name: str) -> type[Captioner]:
     if name not in CAPTIONERS:
-        raise CapfiltError(f"capfilt.captioner_kind: no captioner {name!r} (registered: {sorted(CAPTIONERS)}); "
-                           "a captioner of another module is listed in capfilt.plugins")
+        raise CapfiltError(
+            f"capfilt.captioner_kind: no captioner {name!r} (registered: {sorted(CAPTIONERS)}); "
+            "a captioner of another module is listed in capfilt.plugins"
+        )
     return CAPTIONERS[name]
 
 
 def scorer_class(name: str) -> type[Scorer]:
     if name not in SCORERS:
-        raise CapfiltError(f"capfilt.scorers.{name}: no scorer {name!r} (registered: {sorted(SCORERS)}); "
-                           "a scorer of another module is listed in capfilt.plugins")
+        raise CapfiltError(
+            f"capfilt.scorers.{name}: no scorer {name!r} (registered: {sorted(SCORERS)}); "
+            "a scorer of another module is listed in capfilt.plugins"
+        )
     return SCORERS[name]
 
 
@@ -138,12 +145,16 @@ def content_id(local_path: str) -> str:
     """Content hash of a checkpoint: ``blip_core.checkpoint_id`` for our format, else a hash of the files."""
     from blip_core import checkpoint_id
 
-    if os.path.isdir(local_path) and all(os.path.exists(os.path.join(local_path, f))
-                                         for f in ("config.json", "model.safetensors")):
+    if os.path.isdir(local_path) and all(
+        os.path.exists(os.path.join(local_path, f)) for f in ("config.json", "model.safetensors")
+    ):
         return checkpoint_id(local_path)
     h = hashlib.sha256()
-    paths = [local_path] if os.path.isfile(local_path) else sorted(
-        os.path.join(b, f) for b, _, fs in os.walk(local_path) for f in fs)
+    paths = (
+        [local_path]
+        if os.path.isfile(local_path)
+        else sorted(os.path.join(b, f) for b, _, fs in os.walk(local_path) for f in fs)
+    )
     for p in paths:
         h.update(os.path.relpath(p, local_path).encode() if p != local_path else b"")
         with open(p, "rb") as f:

@@ -1,5 +1,6 @@
 """How a model wants its pixels: resized to uint8 ``[H, W, 3]`` in the decode task, normalised on the model's
 device in the actor (uint8 crosses process and device boundaries: 4x less than floats)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,14 @@ def pil_transform(spec: PixelSpec):
         return T.Resize((spec.size, spec.size), interpolation=InterpolationMode.BICUBIC)
     import open_clip
 
-    full = open_clip.image_transform(spec.size, is_train=False, mean=spec.mean, std=spec.std,
-                                     resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+    full = open_clip.image_transform(
+        spec.size,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        resize_mode=spec.resize_mode,
+        interpolation=spec.interpolation,
+    )
     steps = []
     for t in full.transforms:
         if "ToTensor" in type(t).__name__:

@@ -1,5 +1,6 @@
 """What a caption-filter run does, resolved once on the driver: the models (``ModelRef``), generation and keep
 settings, and the fingerprint that a rerun must match to continue the same output."""
+
 from __future__ import annotations
 
 import json
@@ -58,24 +59,36 @@ class Settings:
         another captioner or extra scorers add theirs."""
         clip = self.scorer("clip")
         fp = {
-            "schema_version": SCHEMA_VERSION, "round": self.round, "seed": self.seed, "source": self.source,
-            "captioner_id": self.captioner.id, "filter_id": self.filter.id,
-            "clip_id": clip.id if clip else None, "clip_model": clip.options["model"] if clip else None,
-            "num_samples": self.num_samples, "method": self.method,
+            "schema_version": SCHEMA_VERSION,
+            "round": self.round,
+            "seed": self.seed,
+            "source": self.source,
+            "captioner_id": self.captioner.id,
+            "filter_id": self.filter.id,
+            "clip_id": clip.id if clip else None,
+            "clip_model": clip.options["model"] if clip else None,
+            "num_samples": self.num_samples,
+            "method": self.method,
             "top_p": self.top_p if self.method == "nucleus" else None,
             "num_beams": self.num_beams if self.method == "beam" else None,
-            "max_length": self.max_length, "min_length": self.min_length,
-            "repetition_penalty": self.repetition_penalty, "prompt": self.prompt,
-            "itm_threshold": self.itm_threshold, "keep_top_k_synthetic": self.keep_top_k_synthetic,
-            "max_text_chars": self.max_text_chars, "amp": self.amp,
+            "max_length": self.max_length,
+            "min_length": self.min_length,
+            "repetition_penalty": self.repetition_penalty,
+            "prompt": self.prompt,
+            "itm_threshold": self.itm_threshold,
+            "keep_top_k_synthetic": self.keep_top_k_synthetic,
+            "max_text_chars": self.max_text_chars,
+            "amp": self.amp,
             "image_sizes": [self.captioner.pixels.size, self.filter.pixels.size],
         }
         if self.captioner.kind != "blip":
             fp["captioner_kind"] = self.captioner.kind
         others = [s for s in self.scorers if s.kind != "clip"]
         if others or (clip and (clip.keep_above, clip.keep_below) != (None, None)):
-            fp["scorers"] = {s.kind: {"id": s.id, "options": s.options, "keep_above": s.keep_above,
-                                      "keep_below": s.keep_below} for s in self.scorers}
+            fp["scorers"] = {
+                s.kind: {"id": s.id, "options": s.options, "keep_above": s.keep_above, "keep_below": s.keep_below}
+                for s in self.scorers
+            }
         return fp
 
     def metadata(self, keep_rule: str) -> dict:
@@ -83,13 +96,19 @@ class Settings:
         clip = self.scorer("clip")
         return {
             "capfilt.schema_version": str(SCHEMA_VERSION),
-            "capfilt.settings": json.dumps({
-                **self.fingerprint(), "captioner": self.captioner.url, "filter": self.filter.url,
-                "clip_checkpoint": clip.url if clip else None, "model_batch_size": self.model_batch_size,
-                "seed_rule": "per image: derive_seed('capfilt', run seed, key); candidate j: "
-                             "blip_core.generation.sample_seed(seed, j)",
-                "keep_rule": keep_rule,
-            }, sort_keys=True),
+            "capfilt.settings": json.dumps(
+                {
+                    **self.fingerprint(),
+                    "captioner": self.captioner.url,
+                    "filter": self.filter.url,
+                    "clip_checkpoint": clip.url if clip else None,
+                    "model_batch_size": self.model_batch_size,
+                    "seed_rule": "per image: derive_seed('capfilt', run seed, key); candidate j: "
+                    "blip_core.generation.sample_seed(seed, j)",
+                    "keep_rule": keep_rule,
+                },
+                sort_keys=True,
+            ),
             "capfilt.versions": json.dumps(versions(self), sort_keys=True),
         }
 
@@ -118,8 +137,9 @@ def resolve_settings(cfg: RunConfig, root: str, round: int, *, use_gpu: bool | N
     cc = cfg.capfilt
     import_plugins(cc.plugins)
     if FILTER in cc.scorers:
-        raise CapfiltError(f"capfilt.scorers.{FILTER}: the filter always runs; set capfilt.filter and "
-                           "capfilt.itm_threshold instead")
+        raise CapfiltError(
+            f"capfilt.scorers.{FILTER}: the filter always runs; set capfilt.filter and capfilt.itm_threshold instead"
+        )
     captioner = captioner_class(cc.captioner_kind).resolve(cfg, root, round)
     filt = scorer_class(FILTER).resolve(cfg, root, round, None)
     scorers = []
@@ -135,10 +155,26 @@ def resolve_settings(cfg: RunConfig, root: str, round: int, *, use_gpu: bool | N
                 raise CapfiltError(f"scorers {seen[f.name]!r} and {ref.kind!r} both write column {f.name!r}")
             seen[f.name] = ref.kind
     return Settings(
-        round=round, seed=cfg.seed, source=cc.source or cfg.ingest.source, captioner=captioner, filter=filt,
-        num_samples=cc.num_samples, method=cc.method, top_p=cc.top_p, num_beams=cc.num_beams,
-        max_length=cc.max_length, min_length=cc.min_length, repetition_penalty=cc.repetition_penalty,
-        prompt=cc.prompt, itm_threshold=cc.itm_threshold, keep_top_k_synthetic=cc.keep_top_k_synthetic,
-        max_text_chars=cc.max_text_chars, model_batch_size=cc.model_batch_size, amp=cc.amp,
-        use_gpu=bool(use_gpu), scorers=scorers, decode_batch_rows=cc.decode_batch_rows, plugins=list(cc.plugins),
+        round=round,
+        seed=cfg.seed,
+        source=cc.source or cfg.ingest.source,
+        captioner=captioner,
+        filter=filt,
+        num_samples=cc.num_samples,
+        method=cc.method,
+        top_p=cc.top_p,
+        num_beams=cc.num_beams,
+        max_length=cc.max_length,
+        min_length=cc.min_length,
+        repetition_penalty=cc.repetition_penalty,
+        prompt=cc.prompt,
+        itm_threshold=cc.itm_threshold,
+        keep_top_k_synthetic=cc.keep_top_k_synthetic,
+        max_text_chars=cc.max_text_chars,
+        model_batch_size=cc.model_batch_size,
+        amp=cc.amp,
+        use_gpu=bool(use_gpu),
+        scorers=scorers,
+        decode_batch_rows=cc.decode_batch_rows,
+        plugins=list(cc.plugins),
     )

@@ -16,6 +16,7 @@ within that difference of a boundary.
 Exactly once (commit.py). The dataset runs with ``preserve_order``, so the driver receives the rows of unit u,
 then of unit u+1, ...; when the next unit starts (or the stream ends), unit u is complete and is published.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -59,7 +60,7 @@ def model_stages(settings: Settings, cfg: RunConfig) -> list[tuple[type, object,
     stages += [(ScoreActor, ref, cc.scorers[ref.kind].pool, {}) for ref in settings.scorers]
     stages.append((ScoreActor, settings.filter, cc.filter_pool, {"emit_rows": True}))
     for pos, (_, ref, _, extra) in enumerate(stages[:-1]):
-        later = {r.pixels.column for _, r, _, _ in stages[pos + 1:]}
+        later = {r.pixels.column for _, r, _, _ in stages[pos + 1 :]}
         extra["drop_columns"] = [ref.pixels.column] if ref.pixels.column not in later else []
     return stages
 
@@ -70,13 +71,22 @@ def build_dataset(units: Sequence[Unit], settings: Settings, cfg: RunConfig):
 
     cc = cfg.capfilt
     items = [(s, u.index) for u in units for s in u.shards]
-    ds = ray.data.read_datasource(shard_datasource(items, settings), num_cpus=cc.decode_num_cpus,
-                                  concurrency=cc.decode_concurrency, override_num_blocks=len(items))
+    ds = ray.data.read_datasource(
+        shard_datasource(items, settings),
+        num_cpus=cc.decode_num_cpus,
+        concurrency=cc.decode_concurrency,
+        override_num_blocks=len(items),
+    )
     for actor, ref, pool, extra in model_stages(settings, cfg):
         ds = ds.map_batches(
-            actor, fn_constructor_args=(ref, settings, pool.model_dump()), fn_constructor_kwargs=extra,
-            batch_size=pool.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            num_cpus=pool.num_cpus, num_gpus=_num_gpus(pool, settings.use_gpu),
+            actor,
+            fn_constructor_args=(ref, settings, pool.model_dump()),
+            fn_constructor_kwargs=extra,
+            batch_size=pool.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_cpus=pool.num_cpus,
+            num_gpus=_num_gpus(pool, settings.use_gpu),
         )
     return ds
 
@@ -93,7 +103,8 @@ def check_resources(settings: Settings, cfg: RunConfig) -> None:
         raise CapfiltError(
             f"the actor pools reserve {actor_cpus:g} CPUs and a decode task needs {cc.decode_num_cpus:g}, but the "
             f"Ray cluster has {total.get('CPU', 0):g}: lower capfilt.*_pool.num_cpus / actors or "
-            "capfilt.decode_num_cpus")
+            "capfilt.decode_num_cpus"
+        )
     gpus = sum(p.actors * _num_gpus(p, settings.use_gpu) for p in pools)
     if gpus > total.get("GPU", 0) + 1e-9:
         raise CapfiltError(f"the actor pools ask for {gpus:g} GPUs; the Ray cluster has {total.get('GPU', 0):g}")
@@ -109,8 +120,7 @@ def _runs(units_col: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(units_col[a]), int(a), int(b)) for a, b in zip(starts, stops)]
 
 
-def consume(ds, todo: Sequence[Unit], write: Callable[[Unit, pa.Table, list[dict]], None],
-            empty: pa.Table) -> None:
+def consume(ds, todo: Sequence[Unit], write: Callable[[Unit, pa.Table, list[dict]], None], empty: pa.Table) -> None:
     """Stream the dataset's rows (in unit order) and call ``write(unit, table, shard_errors)`` for each unit of
     ``todo`` as soon as the next one starts (units without rows get ``empty``)."""
     order = {u.index: pos for pos, u in enumerate(todo)}
@@ -126,8 +136,9 @@ def consume(ds, todo: Sequence[Unit], write: Callable[[Unit, pa.Table, list[dict
                 is_err = pc.equal(table["key"], SHARD_ERROR_KEY)
                 if pc.any(is_err).as_py():
                     errs = table.filter(is_err)
-                    errors = [{"shard": s, "error": e}
-                              for s, e in zip(errs["shard"].to_pylist(), errs["error"].to_pylist())]
+                    errors = [
+                        {"shard": s, "error": e} for s, e in zip(errs["shard"].to_pylist(), errs["error"].to_pylist())
+                    ]
                     table = table.filter(pc.invert(is_err))
             write(unit, table, errors)
             parts = []
@@ -167,8 +178,15 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
     plan = load_or_create_plan(out, shard_urls, settings, cc.shards_per_unit)
     done = {u.index: m for u in plan.units if (m := read_done(out, u, plan.fingerprint)) is not None}
     todo = [u for u in plan.units if u.index not in done]
-    log.info("capfilt round %d: %d shards in %d units, %d already committed, %d to do -> %s", round,
-             len(shard_urls), len(plan.units), len(done), len(todo), out)
+    log.info(
+        "capfilt round %d: %d shards in %d units, %d already committed, %d to do -> %s",
+        round,
+        len(shard_urls),
+        len(plan.units),
+        len(done),
+        len(todo),
+        out,
+    )
     this_run = {"units": 0, "images": 0, "rows": 0, "seconds": 0.0}
     if todo:
         ensure_ray()
@@ -190,10 +208,18 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
             this_run["images"] += marker["images"]
             this_run["rows"] += marker["rows"]
             el = time.time() - started
-            log.info("committed %s: %d images, %d rows (%d/%d units; this run %d images in %.1fs, %.1f images/s)%s",
-                     unit.file, marker["images"], marker["rows"], len(done), len(plan.units), this_run["images"],
-                     el, this_run["images"] / el if el > 0 else 0.0,
-                     f"; broken shards: {errors}" if errors else "")
+            log.info(
+                "committed %s: %d images, %d rows (%d/%d units; this run %d images in %.1fs, %.1f images/s)%s",
+                unit.file,
+                marker["images"],
+                marker["rows"],
+                len(done),
+                len(plan.units),
+                this_run["images"],
+                el,
+                this_run["images"] / el if el > 0 else 0.0,
+                f"; broken shards: {errors}" if errors else "",
+            )
 
         try:
             consume(build_dataset(todo, settings, cfg), todo, write, empty_table(settings))
@@ -203,16 +229,27 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
         this_run["images_per_second"] = builtins.round(this_run["images"] / max(this_run["seconds"], 1e-9), 2)
     summary = _summary(plan, done, settings, this_run, time.time() - t0)
     storage.commit(out, summary)
-    log.info("capfilt committed at %s: %d images, %d rows; web kept %d/%d, synthetic kept %d/%d", out,
-             summary["images"], summary["rows"], summary["by_source"]["web"]["kept"],
-             summary["by_source"]["web"]["rows"], summary["by_source"]["synthetic"]["kept"],
-             summary["by_source"]["synthetic"]["rows"])
+    log.info(
+        "capfilt committed at %s: %d images, %d rows; web kept %d/%d, synthetic kept %d/%d",
+        out,
+        summary["images"],
+        summary["rows"],
+        summary["by_source"]["web"]["kept"],
+        summary["by_source"]["web"]["rows"],
+        summary["by_source"]["synthetic"]["kept"],
+        summary["by_source"]["synthetic"]["rows"],
+    )
     return summary
 
 
 def _summary(plan: Plan, done: dict[int, dict], settings: Settings, this_run: dict, wall: float) -> dict:
     summary = summarize(plan, done)
     meta = settings.metadata(describe_keep_rule(settings))
-    summary.update(round=settings.round, fingerprint=plan.fingerprint, this_run=this_run,
-                   settings=json.loads(meta["capfilt.settings"]), wall_seconds=builtins.round(wall, 3))
+    summary.update(
+        round=settings.round,
+        fingerprint=plan.fingerprint,
+        this_run=this_run,
+        settings=json.loads(meta["capfilt.settings"]),
+        wall_seconds=builtins.round(wall, 3),
+    )
     return summary

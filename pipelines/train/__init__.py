@@ -43,12 +43,23 @@ result), ``worker`` (one rank's loop), ``data`` (stream, plan, batches), ``losse
 losses, frozen parameters), ``checkpoints`` (``state.pt``), ``evaluation`` (the held-out set), ``metrics``,
 ``logs`` (``metrics.jsonl``, TensorBoard), ``collectives`` and ``faults`` (the test hook).
 """
+
 from __future__ import annotations
 
 from .driver import first_step_losses, run_finetune, run_job, run_pretrain
 from .spec import EVAL, METRICS, OBJECTIVES, RAY_DIR, ROLES, JobSpec, TrainError, resolve_job
 
 __all__ = [
-    "EVAL", "METRICS", "OBJECTIVES", "RAY_DIR", "ROLES", "JobSpec", "TrainError", "first_step_losses", "resolve_job",
-    "run_finetune", "run_job", "run_pretrain",
+    "EVAL",
+    "METRICS",
+    "OBJECTIVES",
+    "RAY_DIR",
+    "ROLES",
+    "JobSpec",
+    "TrainError",
+    "first_step_losses",
+    "resolve_job",
+    "run_finetune",
+    "run_job",
+    "run_pretrain",
 ]

@@ -3,6 +3,7 @@
 The state is the model with BlipLosses' momentum encoders and queues, the optimiser, the scheduler, the data
 position (epoch, step in epoch, global step) and a fingerprint of the settings that decide the data order.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,20 @@ import torch
 STATE_FILE = "state.pt"
 
 
-def save_state(directory: str, *, losses: torch.nn.Module, optimizer, scheduler, position: dict,
-               fingerprint: dict) -> None:
+def save_state(
+    directory: str, *, losses: torch.nn.Module, optimizer, scheduler, position: dict, fingerprint: dict
+) -> None:
     """Write the state into ``directory`` (the folder that becomes a Ray Train checkpoint)."""
-    torch.save({
-        "losses": losses.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "position": position,
-        "fingerprint": fingerprint,
-    }, os.path.join(directory, STATE_FILE))
+    torch.save(
+        {
+            "losses": losses.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "position": position,
+            "fingerprint": fingerprint,
+        },
+        os.path.join(directory, STATE_FILE),
+    )
 
 
 def load_state(checkpoint) -> dict | None:

@@ -1,4 +1,5 @@
 """The few collectives a worker needs beyond DDP's, each a no-op with one rank."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """A job's data: its stream and epoch plan, BLIP's caption clean-up, image keys and the collates."""
+
 from __future__ import annotations
 
 import re
@@ -81,14 +82,20 @@ def build_stream(spec: JobSpec, jc: TrainJob, rank: int, world: int) -> ShardStr
     """This rank's shard of the job's stream, padded so that every rank runs the same number of steps."""
     return ShardStream(
         build_sources(spec, world * max(1, jc.dataloader_workers)),
-        transform=train_transform(jc.image_size, hflip=jc.hflip, randaugment=jc.randaugment,
-                                  random_crop=jc.random_crop),
-        seed=derive_seed(spec.seed, "data"), shuffle_buffer=jc.shuffle_buffer, rank=rank,
-        world_size=world, balance="pad")
+        transform=train_transform(
+            jc.image_size, hflip=jc.hflip, randaugment=jc.randaugment, random_crop=jc.random_crop
+        ),
+        seed=derive_seed(spec.seed, "data"),
+        shuffle_buffer=jc.shuffle_buffer,
+        rank=rank,
+        world_size=world,
+        balance="pad",
+    )
 
 
-def epoch_plan(stream: ShardStream, batch: int, num_workers: int, *, epochs: int, max_steps: int | None,
-               job: str) -> list[int]:
+def epoch_plan(
+    stream: ShardStream, batch: int, num_workers: int, *, epochs: int, max_steps: int | None, job: str
+) -> list[int]:
     """Steps of every epoch (the same on every rank): ``epochs`` of them, or as many as ``max_steps`` needs,
     the last one cut short."""
     plan: list[int] = []

@@ -1,4 +1,5 @@
 """The driver's side of a job: Ray Train's setup and storage, the run, and the result (commit, summary)."""
+
 from __future__ import annotations
 
 import builtins
@@ -32,14 +33,17 @@ def run_job(cfg: RunConfig, root: str, round: int, job: str) -> dict:
     _fit(spec, train_loop, storage_path=spec.job_dir)
     evaluation = storage.read_json(storage.join(out, EVAL))
     summary = {
-        "job": job, "round": round, "model": storage.join(out, "model"), "model_id": evaluation.get("model_id"),
-        "final_step": evaluation.get("final_step"), "eval": evaluation.get("metrics", {}),
+        "job": job,
+        "round": round,
+        "model": storage.join(out, "model"),
+        "model_id": evaluation.get("model_id"),
+        "final_step": evaluation.get("final_step"),
+        "eval": evaluation.get("metrics", {}),
         "resumed_from_step": evaluation.get("resumed_from_step"),
         "seconds": builtins.round(time.time() - t0, 1),  # the parameter ``round`` shadows the builtin
     }
     storage.commit(out, summary)
-    log.info("%s of round %d committed at %s (model %s, %s)", job, round, out, summary["model_id"],
-             summary["eval"])
+    log.info("%s of round %d committed at %s (model %s, %s)", job, round, out, summary["model_id"], summary["eval"])
     return summary
 
 
@@ -53,13 +57,25 @@ def run_finetune(cfg: RunConfig, root: str, round: int, role: str) -> dict:
     return run_job(cfg, root, round, role)
 
 
-def first_step_losses(cfg: RunConfig, root: str, round: int, job: str, *, workers: int, batch_size: int,
-                      storage_path: str) -> dict:
+def first_step_losses(
+    cfg: RunConfig, root: str, round: int, job: str, *, workers: int, batch_size: int, storage_path: str
+) -> dict:
     """The losses of one optimizer step on a fixed global batch (the first ``batch_size`` human pairs) with
     ``workers`` workers, averaged over ranks: N workers must give the loss of one on the same global batch."""
-    cfg = validate_config({**cfg.model_dump(), "train": {
-        **cfg.train.model_dump(), job: {**getattr(cfg.train, job).model_dump(), "workers": workers,
-                                        "batch_size": batch_size, "max_failures": 0}}})
+    cfg = validate_config(
+        {
+            **cfg.model_dump(),
+            "train": {
+                **cfg.train.model_dump(),
+                job: {
+                    **getattr(cfg.train, job).model_dump(),
+                    "workers": workers,
+                    "batch_size": batch_size,
+                    "max_failures": 0,
+                },
+            },
+        }
+    )
     spec = resolve_job(cfg, root, round, job)
     spec.job_dir = storage_path  # where rank 0 leaves its answer; nothing is written into the run root
     _fit(spec, first_step_loop, storage_path=storage_path)
@@ -97,13 +113,21 @@ def _fit(spec: JobSpec, loop: Callable[[dict], None], storage_path: str):
         torch_config=TorchConfig(backend="nccl" if jc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=jc.workers, use_gpu=jc.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
-            name=RAY_DIR, storage_path=path, storage_filesystem=filesystem,
+            name=RAY_DIR,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=jc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=jc.keep_checkpoints),
         ),
     )
-    log.info("%s round %d: %d Ray Train worker(s), global batch %d, storage %s", spec.job, spec.round,
-             jc.workers, jc.batch_size, storage_path)
+    log.info(
+        "%s round %d: %d Ray Train worker(s), global batch %d, storage %s",
+        spec.job,
+        spec.round,
+        jc.workers,
+        jc.batch_size,
+        storage_path,
+    )
     try:
         result = trainer.fit()
     except Exception as err:  # ray.train.TrainingFailedError and friends: one clear line, the cause chained

@@ -1,4 +1,5 @@
 """The fault-injection hook of the fault-tolerance tests: a worker that dies once, as a crash."""
+
 from __future__ import annotations
 
 import logging

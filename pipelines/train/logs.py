@@ -1,4 +1,5 @@
 """Rank 0's logs of a job: ``metrics.jsonl`` and TensorBoard event files, on any URL."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """What a job's objectives train: the shared fine-tune's loss module and the freezing of parameters that no
 objective reaches (so DDP needs no unused-parameter search)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,13 +16,24 @@ class SeparateLMLosses(torch.nn.Module):
         super().__init__()
         self.losses = losses
 
-    def forward(self, images, input_ids, attention_mask, *, lm_input_ids, lm_attention_mask, objectives,
-                prompt_length: int = 0, **kw) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images,
+        input_ids,
+        attention_mask,
+        *,
+        lm_input_ids,
+        lm_attention_mask,
+        objectives,
+        prompt_length: int = 0,
+        **kw,
+    ) -> dict[str, torch.Tensor]:
         # LM first: every BlipLosses call clamps the temperature in place, and the ITC loss keeps it for backward.
         out = {}
         if "lm" in objectives:
-            out = self.losses(images, lm_input_ids, lm_attention_mask, objectives=("lm",),
-                              prompt_length=prompt_length, **kw)
+            out = self.losses(
+                images, lm_input_ids, lm_attention_mask, objectives=("lm",), prompt_length=prompt_length, **kw
+            )
         rest = [o for o in objectives if o != "lm"]
         if rest:
             out.update(self.losses(images, input_ids, attention_mask, objectives=rest, **kw))
@@ -35,8 +47,10 @@ def freeze_unused(model: BlipModel, objectives: tuple[str, ...]) -> int:
     size = cfg.vision.image_size
     images = torch.zeros(2, 3, size, size, device=model.device)
     t = cfg.text
-    ids = torch.tensor([[t.cls_token_id, t.sep_token_id, t.pad_token_id],
-                        [t.cls_token_id, t.sep_token_id, t.sep_token_id]], device=model.device)
+    ids = torch.tensor(
+        [[t.cls_token_id, t.sep_token_id, t.pad_token_id], [t.cls_token_id, t.sep_token_id, t.sep_token_id]],
+        device=model.device,
+    )
     mask = (ids != t.pad_token_id).long()
     model.zero_grad(set_to_none=True)
     image_embeds = model.vision.forward_features(images)

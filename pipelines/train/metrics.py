@@ -1,4 +1,5 @@
 """The numbers a job reports besides its losses: ITC retrieval on held-out features, and memory use."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,9 @@ import resource
 import torch
 
 
-def itc_retrieval_metrics(image_feats: torch.Tensor, image_index: torch.Tensor, text_feats: torch.Tensor,
-                          text_owner: torch.Tensor) -> dict:
+def itc_retrieval_metrics(
+    image_feats: torch.Tensor, image_index: torch.Tensor, text_feats: torch.Tensor, text_owner: torch.Tensor
+) -> dict:
     """Zero-shot retrieval by ITC similarity: text->image R@1/R@5 (the text's own image ranked first / in the
     top 5) and image->text R@1/R@5 (one of the image's own captions ranked first / in the top 5), in percent.
     (``pipelines.evaluate.retrieval_metrics`` is the full evaluation: ITC ranking re-ranked by ITM, on a model.)"""
@@ -20,10 +22,13 @@ def itc_retrieval_metrics(image_feats: torch.Tensor, image_index: torch.Tensor, 
     top_txt = text_owner[sim.t().topk(k_t, dim=1).indices]  # [images, k] owners of the best texts
     i2t = top_txt == image_index[:, None]
     return {
-        "t2i_r1": 100.0 * float(t2i[:, 0].float().mean()), "t2i_r5": 100.0 * float(t2i.any(1).float().mean()),
-        "i2t_r1": 100.0 * float(i2t[:, 0].float().mean()), "i2t_r5": 100.0 * float(i2t.any(1).float().mean()),
+        "t2i_r1": 100.0 * float(t2i[:, 0].float().mean()),
+        "t2i_r5": 100.0 * float(t2i.any(1).float().mean()),
+        "i2t_r1": 100.0 * float(i2t[:, 0].float().mean()),
+        "i2t_r5": 100.0 * float(i2t.any(1).float().mean()),
         "r1_mean": 50.0 * float(t2i[:, 0].float().mean() + i2t[:, 0].float().mean()),
-        "images": int(sim.shape[1]), "texts": int(sim.shape[0]),
+        "images": int(sim.shape[1]),
+        "texts": int(sim.shape[0]),
     }
 
 

@@ -3,6 +3,7 @@
 ``resolve_job`` checks the job's inputs (committed, present) and resolves every location into a ``JobSpec``,
 plain data that travels to the Ray Train workers; it fails before any Ray work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,10 @@ def resolve_job(cfg: RunConfig, root: str, round: int, job: str) -> JobSpec:
         raise TrainError(str(err)) from None
     for name in ("train", "test"):
         if not storage.exists(human[name]):
-            raise TrainError(f"the human {name} set {human[name]} does not exist"
-                             + (" (run `capfilt synth` first)" if cfg.world is not None else ""))
+            raise TrainError(
+                f"the human {name} set {human[name]} does not exist"
+                + (" (run `capfilt synth` first)" if cfg.world is not None else "")
+            )
     karpathy = {"kind": "karpathy", "ann": human["train"], "image_root": human["image_root"]}
     sources = _sources(cfg, root, round, job, karpathy)
     init = _init(jc.init, root, round, job)
@@ -93,10 +96,19 @@ def resolve_job(cfg: RunConfig, root: str, round: int, job: str) -> JobSpec:
         if tokenizer != "bert-base-uncased":
             tokenizer = storage.absolute(tokenizer)
         bert = cfg.model.init_text_from_bert and storage.absolute(cfg.model.init_text_from_bert)
-    return JobSpec(job=job, round=round, root=root, job_dir=job_dir(root, round, job), config=cfg.model_dump(),
-                   init=init, tokenizer=tokenizer, bert_dir=bert, sources=sources,
-                   test={"ann": human["test"], "image_root": human["image_root"]},
-                   seed=derive_seed(cfg.seed, "train", job, round))
+    return JobSpec(
+        job=job,
+        round=round,
+        root=root,
+        job_dir=job_dir(root, round, job),
+        config=cfg.model_dump(),
+        init=init,
+        tokenizer=tokenizer,
+        bert_dir=bert,
+        sources=sources,
+        test={"ann": human["test"], "image_root": human["image_root"]},
+        seed=derive_seed(cfg.seed, "train", job, round),
+    )
 
 
 def _sources(cfg: RunConfig, root: str, round: int, job: str, karpathy: dict) -> list[dict]:
@@ -108,13 +120,16 @@ def _sources(cfg: RunConfig, root: str, round: int, job: str, karpathy: dict) ->
     if round == 1:
         web = rr.ingest(cfg.ingest.source)
         if not storage.is_committed(web):
-            raise TrainError(f"round 1 pre-trains on the web shards in {web}, which are not committed; "
-                             "run `capfilt ingest` first")
+            raise TrainError(
+                f"round 1 pre-trains on the web shards in {web}, which are not committed; run `capfilt ingest` first"
+            )
         return [{"kind": "shards", "url": web}, karpathy]
     dataset = rr.round(round - 1, "dataset")
     if not storage.is_committed(dataset):
-        raise TrainError(f"round {round} pre-trains on round {round - 1}'s bootstrapped dataset {dataset}, "
-                         f"which is not committed; run `capfilt assemble --round {round - 1}` first")
+        raise TrainError(
+            f"round {round} pre-trains on round {round - 1}'s bootstrapped dataset {dataset}, "
+            f"which is not committed; run `capfilt assemble --round {round - 1}` first"
+        )
     return [{"kind": "bootstrapped", "manifest": dataset}]
 
 
@@ -122,18 +137,22 @@ def _init(init: str, root: str, round: int, job: str) -> str:
     """``train.<job>.init`` resolved: "scratch", or the URL of the checkpoint the job starts from."""
     if init == "pretrain":
         if job == "pretrain":
-            raise TrainError("train.pretrain.init cannot be 'pretrain' (the job itself); use scratch, previous "
-                             "or a checkpoint path")
+            raise TrainError(
+                "train.pretrain.init cannot be 'pretrain' (the job itself); use scratch, previous or a checkpoint path"
+            )
         src = job_dir(root, round, "pretrain")
         if not storage.is_committed(src):
-            raise TrainError(f"the {job} starts from round {round}'s pre-trained model, but {src} is not "
-                             f"committed; run `capfilt pretrain --round {round}` first")
+            raise TrainError(
+                f"the {job} starts from round {round}'s pre-trained model, but {src} is not "
+                f"committed; run `capfilt pretrain --round {round}` first"
+            )
         return storage.join(src, "model")
     if init == "previous":
         src = job_dir(root, round - 1, "pretrain")
         if round < 2 or not storage.is_committed(src):
-            raise TrainError(f"train.{job}.init is 'previous' but round {round - 1}'s pre-training {src} is not "
-                             "committed")
+            raise TrainError(
+                f"train.{job}.init is 'previous' but round {round - 1}'s pre-training {src} is not committed"
+            )
         return storage.join(src, "model")
     if init != "scratch":
         init = storage.absolute(init)

@@ -3,6 +3,7 @@
 ``train_loop`` and ``first_step_loop`` are what Ray Train runs on every worker. ``Worker`` sets a rank up and
 runs the loop; the checkpoint state, the held-out evaluation, the logs and the collectives are their own modules.
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,27 +107,41 @@ class Worker:
         self.params = self._trainable_params()
 
         self.stream = build_stream(spec, self.jc, rank, world)
-        self.plan = epoch_plan(self.stream, self.batch, self.jc.dataloader_workers, epochs=self.jc.epochs,
-                               max_steps=self.jc.max_steps, job=spec.job)
+        self.plan = epoch_plan(
+            self.stream,
+            self.batch,
+            self.jc.dataloader_workers,
+            epochs=self.jc.epochs,
+            max_steps=self.jc.max_steps,
+            job=spec.job,
+        )
         self.total_steps = sum(self.plan)
-        self.optimizer = build_optimizer(self.params, lr=self.jc.lr, weight_decay=self.jc.weight_decay,
-                                         fused=self.gpu)
-        self.scheduler = build_scheduler(self.optimizer, lr=self.jc.lr, total_steps=self.total_steps,
-                                         warmup_steps=self.jc.warmup_steps, warmup_lr=self.jc.warmup_lr,
-                                         min_lr=self.jc.min_lr)
+        self.optimizer = build_optimizer(self.params, lr=self.jc.lr, weight_decay=self.jc.weight_decay, fused=self.gpu)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            lr=self.jc.lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.jc.warmup_steps,
+            warmup_lr=self.jc.warmup_lr,
+            min_lr=self.jc.min_lr,
+        )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.resumed_from: int | None = None
         self.last_report = time.monotonic()
         if restore:
             self._restore(ray.train.get_checkpoint())
-        self.ddp = ray.train.torch.prepare_model(SeparateLMLosses(self.losses) if self.separate_lm else self.losses,
-                                                 move_to_device=False,
-                                                 parallel_strategy_kwargs={"broadcast_buffers": False})
+        self.ddp = ray.train.torch.prepare_model(
+            SeparateLMLosses(self.losses) if self.separate_lm else self.losses,
+            move_to_device=False,
+            parallel_strategy_kwargs={"broadcast_buffers": False},
+        )
         self.loader = self._build_loader()
-        self.metrics = MetricsLog(storage.join(spec.job_dir, METRICS), keep_through=self.resumed_from) \
-            if rank == 0 else None
-        self.tb = TensorBoard(storage.join(spec.job_dir, "tensorboard"), purge_step=self.resumed_from) \
-            if rank == 0 else None
+        self.metrics = (
+            MetricsLog(storage.join(spec.job_dir, METRICS), keep_through=self.resumed_from) if rank == 0 else None
+        )
+        self.tb = (
+            TensorBoard(storage.join(spec.job_dir, "tensorboard"), purge_step=self.resumed_from) if rank == 0 else None
+        )
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_model(self) -> BlipModel:
@@ -135,8 +150,10 @@ class Worker:
         torch.manual_seed(derive_seed(spec.seed, "init"))  # the same initial weights on every rank
         model = build_model(spec.run_config.model, jc, spec.init, spec.tokenizer, spec.bert_dir)
         if jc.max_text_length > model.config.text.max_positions:
-            raise TrainError(f"train.{spec.job}.max_text_length ({jc.max_text_length}) exceeds the model's "
-                             f"text.max_positions ({model.config.text.max_positions})")
+            raise TrainError(
+                f"train.{spec.job}.max_text_length ({jc.max_text_length}) exceeds the model's "
+                f"text.max_positions ({model.config.text.max_positions})"
+            )
         model.amp_dtype = torch.bfloat16 if (self.gpu and jc.bf16) else None
         return model
 
@@ -144,16 +161,22 @@ class Worker:
         """Freeze what the job's objectives never reach; the rest is what the optimiser trains."""
         frozen = freeze_unused(self.model, self.spec.objectives)
         if frozen and self.rank == 0:
-            log.info("%s: %d parameter tensors never reached by %s are frozen", self.spec.job, frozen,
-                     self.spec.objectives)
+            log.info(
+                "%s: %d parameter tensors never reached by %s are frozen", self.spec.job, frozen, self.spec.objectives
+            )
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _build_loader(self) -> DataLoader:
         nw = self.jc.dataloader_workers
         return DataLoader(
-            self.stream, batch_size=self.batch, num_workers=nw,
+            self.stream,
+            batch_size=self.batch,
+            num_workers=nw,
             collate_fn=self._collate(),
-            pin_memory=self.gpu, persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None)
+            pin_memory=self.gpu,
+            persistent_workers=nw > 0,
+            prefetch_factor=4 if nw > 0 else None,
+        )
 
     def _collate(self) -> Collate:
         return Collate(self.model.tokenizer, self.jc.max_text_length, self.prompt, separate_lm=self.separate_lm)
@@ -163,8 +186,12 @@ class Worker:
         return ids.shape[1]  # [DEC] + the prompt's tokens, as BLIP's prompt_length
 
     def _fingerprint(self) -> dict:
-        return {"plan": self.plan, "batch_size": self.jc.batch_size, "workers": self.world,
-                "dataloader_workers": self.jc.dataloader_workers}
+        return {
+            "plan": self.plan,
+            "batch_size": self.jc.batch_size,
+            "workers": self.world,
+            "dataloader_workers": self.jc.dataloader_workers,
+        }
 
     def _restore(self, checkpoint) -> None:
         state = load_state(checkpoint)
@@ -174,12 +201,22 @@ class Worker:
         self.epoch, self.step_in_epoch, self.global_step = resume_position(state["position"], self.plan)
         self.resumed_from = self.global_step
         if state.get("fingerprint") != self._fingerprint() and self.rank == 0:
-            log.warning("%s: resuming at step %d under other settings (%s, now %s); the data order of the "
-                        "current epoch may differ", self.spec.job, self.global_step, state.get("fingerprint"),
-                        self._fingerprint())
+            log.warning(
+                "%s: resuming at step %d under other settings (%s, now %s); the data order of the "
+                "current epoch may differ",
+                self.spec.job,
+                self.global_step,
+                state.get("fingerprint"),
+                self._fingerprint(),
+            )
         if self.rank == 0:
-            log.info("%s: resumed from checkpoint at step %d (epoch %d, step %d of it)", self.spec.job,
-                     self.global_step, self.epoch, self.step_in_epoch)
+            log.info(
+                "%s: resumed from checkpoint at step %d (epoch %d, step %d of it)",
+                self.spec.job,
+                self.global_step,
+                self.epoch,
+                self.step_in_epoch,
+            )
 
     # ---------------------------------------------------------------------------------------------- stepping
     def _to_device(self, batch: dict) -> dict:
@@ -191,8 +228,16 @@ class Worker:
         b = self._to_device(batch)
         alpha = alpha_at(self.model.config.alpha, epoch, step_in_epoch, self.plan[0])
         lm = {k: b[k] for k in ("lm_input_ids", "lm_attention_mask") if k in b}
-        out = self.ddp(b["images"], b["input_ids"], b["attention_mask"], image_ids=b["image_ids"], alpha=alpha,
-                       objectives=self.spec.objectives, prompt_length=self.prompt_length, **lm)
+        out = self.ddp(
+            b["images"],
+            b["input_ids"],
+            b["attention_mask"],
+            image_ids=b["image_ids"],
+            alpha=alpha,
+            objectives=self.spec.objectives,
+            prompt_length=self.prompt_length,
+            **lm,
+        )
         loss = sum(out.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,8 +258,10 @@ class Worker:
             raise TrainError(f"the human set has {len(pairs)} pairs, fewer than the batch of {n}")
         rows = range(self.rank * self.batch, (self.rank + 1) * self.batch)
         collate = self._collate()
-        samples = [Sample(image=img, text=text, key=iid, image_id=iid, source="human")
-                   for img, text, iid in (pairs[i] for i in rows)]
+        samples = [
+            Sample(image=img, text=text, key=iid, image_id=iid, source="human")
+            for img, text, iid in (pairs[i] for i in rows)
+        ]
         out = self.step(collate(samples), 0, 0)
         return {k: mean_over_ranks(v, self.world) for k, v in out.items()}
 
@@ -227,11 +274,20 @@ class Worker:
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> None:
         if self.rank == 0:
-            log.info("%s round %d: %d steps (%s per epoch), %d per rank x %d ranks, objectives %s, from %s%s; "
-                     "set up in %.1fs", self.spec.job, self.spec.round, self.total_steps, self.plan, self.batch,
-                     self.world, self.spec.objectives, self.spec.init,
-                     f", resuming at step {self.global_step}" if self.resumed_from else "",
-                     time.perf_counter() - self.started)
+            log.info(
+                "%s round %d: %d steps (%s per epoch), %d per rank x %d ranks, objectives %s, from %s%s; "
+                "set up in %.1fs",
+                self.spec.job,
+                self.spec.round,
+                self.total_steps,
+                self.plan,
+                self.batch,
+                self.world,
+                self.spec.objectives,
+                self.spec.init,
+                f", resuming at step {self.global_step}" if self.resumed_from else "",
+                time.perf_counter() - self.started,
+            )
         train_started = time.perf_counter()
         window = _Window(len(self.spec.objectives), self.device)
         first_epoch, skip = self.epoch, self.step_in_epoch
@@ -240,8 +296,12 @@ class Worker:
                 break
             self._epoch(epoch, skip if epoch == first_epoch else 0, window)
         if self.rank == 0:
-            log.info("%s: %d steps in %.1fs", self.spec.job, self.global_step - (self.resumed_from or 0),
-                     time.perf_counter() - train_started)
+            log.info(
+                "%s: %d steps in %.1fs",
+                self.spec.job,
+                self.global_step - (self.resumed_from or 0),
+                time.perf_counter() - train_started,
+            )
         self._finish()
 
     def _epoch(self, epoch: int, done: int, window: _Window) -> None:
@@ -255,8 +315,9 @@ class Worker:
             t0 = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
-                raise TrainError(f"rank {self.rank}: the stream ran out after {done} of {self.plan[epoch]} "
-                                 f"batches of epoch {epoch}")
+                raise TrainError(
+                    f"rank {self.rank}: the stream ran out after {done} of {self.plan[epoch]} batches of epoch {epoch}"
+                )
             t1 = time.perf_counter()
             inject_fault(self.global_step, self.rank)
             out = self.step(batch, epoch, done)
@@ -284,25 +345,46 @@ class Worker:
         if self.world > 1:
             dist.all_reduce(sums)
         sums = sums.tolist()
-        steps, samples, data_s, step_s, to_ray = sums[len(obj):]
+        steps, samples, data_s, step_s, to_ray = sums[len(obj) :]
         losses = {k: sums[i] / steps for i, k in enumerate(obj)}
         row = {
-            "kind": "train", "step": self.global_step, "epoch": epoch, **losses, "loss": sum(losses.values()),
-            "lr": self._lr_of_last_step(), "samples_per_s": samples / max(wall, 1e-9),
-            "data_wait": data_s / max(step_s, 1e-9), "step_time_s": step_s / steps, **memory_stats(self.gpu),
+            "kind": "train",
+            "step": self.global_step,
+            "epoch": epoch,
+            **losses,
+            "loss": sum(losses.values()),
+            "lr": self._lr_of_last_step(),
+            "samples_per_s": samples / max(wall, 1e-9),
+            "data_wait": data_s / max(step_s, 1e-9),
+            "step_time_s": step_s / steps,
+            **memory_stats(self.gpu),
         }
         if self.rank == 0:
             self.metrics.append(row)
             self.tb.scalars(row, self.global_step)
-            log.info("%s step %d/%d epoch %d: %s lr %.2e, %.1f samples/s, data wait %.0f%%", self.spec.job,
-                     self.global_step, self.total_steps, epoch, " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
-                     row["lr"], row["samples_per_s"], 100 * row["data_wait"])
+            log.info(
+                "%s step %d/%d epoch %d: %s lr %.2e, %.1f samples/s, data wait %.0f%%",
+                self.spec.job,
+                self.global_step,
+                self.total_steps,
+                epoch,
+                " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                row["lr"],
+                row["samples_per_s"],
+                100 * row["data_wait"],
+            )
         if to_ray:
             self.report(row)
 
     def _lr_of_last_step(self) -> float:
-        return lr_at(self.global_step - 1, lr=self.jc.lr, total_steps=self.total_steps,
-                     warmup_steps=self.jc.warmup_steps, warmup_lr=self.jc.warmup_lr, min_lr=self.jc.min_lr)
+        return lr_at(
+            self.global_step - 1,
+            lr=self.jc.lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.jc.warmup_steps,
+            warmup_lr=self.jc.warmup_lr,
+            min_lr=self.jc.min_lr,
+        )
 
     def _checkpoint(self, epoch: int, step_in_epoch: int) -> None:
         from ray.train import Checkpoint
@@ -314,17 +396,31 @@ class Worker:
             if self.rank == 0:
                 self.metrics.flush()  # before the checkpoint exists: a resume never misses rows up to it
                 self.tb.flush()
-                save_state(tmp, losses=self.losses, optimizer=self.optimizer, scheduler=self.scheduler,
-                           position={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step},
-                           fingerprint=self._fingerprint())
+                save_state(
+                    tmp,
+                    losses=self.losses,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    position={"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step},
+                    fingerprint=self._fingerprint(),
+                )
                 checkpoint = Checkpoint.from_directory(tmp)
             self.report(row, checkpoint=checkpoint, name=name)
 
     # ----------------------------------------------------------------------------------------- the ending
     def _finish(self) -> None:
         t0 = time.perf_counter()
-        metrics = evaluate(self.model, self.spec.test, self.jc, self.spec.objectives, rank=self.rank,
-                           world=self.world, device=self.device, prompt=self.prompt, prompt_length=self.prompt_length)
+        metrics = evaluate(
+            self.model,
+            self.spec.test,
+            self.jc,
+            self.spec.objectives,
+            rank=self.rank,
+            world=self.world,
+            device=self.device,
+            prompt=self.prompt,
+            prompt_length=self.prompt_length,
+        )
         eval_s = time.perf_counter() - t0
         if self.rank == 0:
             self._publish(metrics, eval_s)
@@ -333,19 +429,26 @@ class Worker:
     def _publish(self, metrics: dict, eval_s: float) -> None:
         """Rank 0: the final model, the eval row of metrics.jsonl and TensorBoard, and eval.json."""
         model_id = save_model(_cpu_copy(self.model), storage.join(self.spec.job_dir, "model"))
-        row = {"kind": "eval", "step": self.global_step, "epoch": len(self.plan) - 1, **metrics,
-               "eval_seconds": eval_s}
+        row = {"kind": "eval", "step": self.global_step, "epoch": len(self.plan) - 1, **metrics, "eval_seconds": eval_s}
         self.metrics.append(row)
         self.metrics.flush()
         self.tb.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.global_step, prefix="")
         self.tb.close()
-        storage.write_json(storage.join(self.spec.job_dir, EVAL), {
-            "job": self.spec.job, "round": self.spec.round, "final_step": self.global_step,
-            "model_id": model_id, "metrics": metrics, "resumed_from_step": self.resumed_from,
-            "test_set": self.spec.test["ann"],
-        })
-        log.info("%s round %d: evaluation %s (%.1fs); model %s", self.spec.job, self.spec.round, metrics, eval_s,
-                 model_id)
+        storage.write_json(
+            storage.join(self.spec.job_dir, EVAL),
+            {
+                "job": self.spec.job,
+                "round": self.spec.round,
+                "final_step": self.global_step,
+                "model_id": model_id,
+                "metrics": metrics,
+                "resumed_from_step": self.resumed_from,
+                "test_set": self.spec.test["ann"],
+            },
+        )
+        log.info(
+            "%s round %d: evaluation %s (%.1fs); model %s", self.spec.job, self.spec.round, metrics, eval_s, model_id
+        )
 
 
 def _cpu_copy(model: BlipModel) -> BlipModel:

@@ -3,6 +3,7 @@
 One run of the flow is shared by the module: its layout, a rerun that skips every stage, and a rerun of
 CapFilt killed half-way that must end with the Parquet of the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def _env(home: Path) -> dict[str, str]:
 
 def _bootstrap(root: Path, env: dict[str, str], *extra: str) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run([CAPFILT, "bootstrap", "--config", TINY, "--root", str(root), *extra],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [CAPFILT, "bootstrap", "--config", TINY, "--root", str(root), *extra],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     return time.perf_counter() - t0, proc
 
 
@@ -52,8 +59,19 @@ def _capfilt_tables(capfilt: Path) -> dict[str, object]:
 
 def test_bootstrap_commits_every_stage_in_the_documented_layout(flow_run):
     root = flow_run["root"]
-    committed = ["world", "ingest/web", "tokenizer", "round=1/pretrain", "round=1/captioner", "round=1/filter",
-                 "round=1/capfilt", "round=1/dataset", "round=2/pretrain", "round=1/eval", "round=2/eval"]
+    committed = [
+        "world",
+        "ingest/web",
+        "tokenizer",
+        "round=1/pretrain",
+        "round=1/captioner",
+        "round=1/filter",
+        "round=1/capfilt",
+        "round=1/dataset",
+        "round=2/pretrain",
+        "round=1/eval",
+        "round=2/eval",
+    ]
     for stage in committed:
         assert (root / stage / "_COMMITTED").exists(), f"{stage} is not committed"
     for job in ("round=1/pretrain", "round=1/captioner", "round=1/filter", "round=2/pretrain"):
@@ -73,8 +91,17 @@ def test_bootstrap_commits_every_stage_in_the_documented_layout(flow_run):
     html = (root / "round=1/eval/report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and 'id="kept-share"' in html
     out = flow_run["stdout"]
-    for line in ("images ingested: 300 of 300", "filter vs ground truth", "precision", "recall", "round 1:",
-                 "round 2:", "duckdb -c", "CapFilt Parquet:", "round=1/eval/report.html"):
+    for line in (
+        "images ingested: 300 of 300",
+        "filter vs ground truth",
+        "precision",
+        "recall",
+        "round 1:",
+        "round 2:",
+        "duckdb -c",
+        "CapFilt Parquet:",
+        "round=1/eval/report.html",
+    ):
         assert line in out, f"the closing summary lacks {line!r}:\n{out}"
     # The in-process Prefect server makes no outbound call (its telemetry is off; this machine has no internet).
     assert "prefect.server.services.telemetry" not in flow_run["stderr"] + out, flow_run["stderr"][-4000:]
@@ -86,7 +113,8 @@ def test_a_rerun_skips_every_committed_stage(flow_run):
     seconds, proc = _bootstrap(flow_run["root"], flow_run["env"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert seconds < 0.35 * flow_run["seconds"], (
-        f"rerun took {seconds:.0f}s against {flow_run['seconds']:.0f}s: committed stages were not skipped")
+        f"rerun took {seconds:.0f}s against {flow_run['seconds']:.0f}s: committed stages were not skipped"
+    )
     assert marker.stat().st_mtime_ns == before
     assert "images ingested: 300 of 300" in proc.stdout
 
@@ -101,16 +129,23 @@ def test_capfilt_killed_half_way_and_rerun_ends_with_the_uninterrupted_parquet(f
     # Ray batches of 4 images spread the three units' commits out in time, so the kill lands between the first
     # and the last; captions and scores do not depend on the batch size (fixed model shapes).
     small_batches = ["--set", "capfilt.captioner_pool.batch_size=4"]
-    proc = subprocess.Popen([CAPFILT, "bootstrap", "--config", TINY, "--root", str(root), *small_batches], env=flow_run["env"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "wb"),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [CAPFILT, "bootstrap", "--config", TINY, "--root", str(root), *small_batches],
+        env=flow_run["env"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "killed.log", "wb"),
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             if (capfilt / "_done").is_dir() and any((capfilt / "_done").iterdir()):
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the flow ended before CapFilt committed a unit:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        assert proc.poll() is None, (
+            "the flow ended before CapFilt committed a unit:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        )
         os.killpg(proc.pid, signal.SIGKILL)  # the flow, its Prefect server, its Ray: the whole process group
         proc.wait(timeout=60)
     finally:
@@ -137,14 +172,18 @@ def _set(path: str, value):
         for k in parents:
             node = node[k]
         node[last] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit,field", [
-    (_set("train.pretrain.batch_size", "lots"), "train.pretrain.batch_size"),  # wrong type
-    (_set("capfilt.itm_treshold", 0.3), "capfilt.itm_treshold"),  # unknown key (a typo)
-    (lambda d: d.pop("world"), "ingest.url_list"),  # missing field: real data needs a URL list
-])
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (_set("train.pretrain.batch_size", "lots"), "train.pretrain.batch_size"),  # wrong type
+        (_set("capfilt.itm_treshold", 0.3), "capfilt.itm_treshold"),  # unknown key (a typo)
+        (lambda d: d.pop("world"), "ingest.url_list"),  # missing field: real data needs a URL list
+    ],
+)
 def test_a_bad_config_fails_fast_naming_the_field(tmp_path, edit, field):
     import yaml
 
@@ -153,8 +192,13 @@ def test_a_bad_config_fails_fast_naming_the_field(tmp_path, edit, field):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
     t0 = time.perf_counter()
-    proc = subprocess.run([CAPFILT, "bootstrap", "--config", str(bad), "--root", str(tmp_path / "run")],
-                          env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [CAPFILT, "bootstrap", "--config", str(bad), "--root", str(tmp_path / "run")],
+        env=_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert field in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one clear message, no traceback
@@ -165,8 +209,13 @@ def test_a_bad_config_fails_fast_naming_the_field(tmp_path, edit, field):
 def test_an_unwritable_root_fails_fast(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = subprocess.run([CAPFILT, "bootstrap", "--config", TINY, "--root", str(blocker / "run")],
-                          env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [CAPFILT, "bootstrap", "--config", TINY, "--root", str(blocker / "run")],
+        env=_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "is not writable" in proc.stderr and str(blocker / "run") in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -4,6 +4,7 @@ process plumbing for the kill test. The tiny captioner and filter they run with 
 
 A plain module (not a conftest) so test files say where their helpers come from.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from integration_helpers import CAPFILT, REPO
 
 
@@ -26,9 +26,11 @@ def tiny_clip_checkpoint(directory: Path) -> tuple[Path, Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     name = "capfilt-tiny-clip"
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
     cfg_path = directory / f"{name}.json"
     cfg_path.write_text(json.dumps(config))
     open_clip.add_model_config(str(cfg_path))
@@ -40,6 +42,7 @@ def tiny_clip_checkpoint(directory: Path) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------------- processes
+
 
 def processes_with_env(marker: str) -> list[int]:
     """Live processes whose environment holds ``marker`` (``NAME=value``): everything a test's ``capfilt``
@@ -53,8 +56,9 @@ def processes_with_env(marker: str) -> list[int]:
         try:
             if needle not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
                 continue
-            state = next((ln for ln in Path(f"/proc/{entry}/status").read_text().splitlines()
-                          if ln.startswith("State:")), "")
+            state = next(
+                (ln for ln in Path(f"/proc/{entry}/status").read_text().splitlines() if ln.startswith("State:")), ""
+            )
         except OSError:
             continue
         if "zombie" not in state:
@@ -66,8 +70,9 @@ def start_capfilt(*args: str, env: dict[str, str], log_path: Path) -> subprocess
     """``capfilt ...`` in its own session (process group), so the test can SIGKILL all of it at once.
     ``env`` is the whole environment of the process."""
     with open(log_path, "wb") as logf:  # the child keeps its own descriptor
-        return subprocess.Popen([CAPFILT, *args], stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [CAPFILT, *args], stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -75,8 +80,7 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
-             poll: float = 0.05) -> None:
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():

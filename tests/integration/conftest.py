@@ -10,12 +10,12 @@ one again when asked.
 and ``capfilt ingest`` commands (about 20 s, once per session). Tests must treat it as read-only: a test that
 writes stage outputs links ``world/`` and ``ingest/`` into a root of its own.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-
 from integration_helpers import TINY, capfilt
 
 
@@ -41,4 +41,3 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> str:
         proc, seconds = capfilt(stage, "--config", TINY, "--root", root)
         assert proc.returncode == 0, f"capfilt {stage} failed after {seconds:.0f}s:\n{proc.stderr[-3000:]}"
     return root
-

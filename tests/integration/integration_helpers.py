@@ -1,4 +1,5 @@
 """Helpers for integration tests: run the real ``capfilt`` command, read shards back."""
+
 from __future__ import annotations
 
 import io
@@ -17,11 +18,14 @@ TINY = str(REPO / "flows" / "configs" / "tiny.yaml")
 CAPFILT = str(Path(sys.executable).parent / "capfilt")
 
 
-def capfilt(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def capfilt(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run the installed console script, as a user would; returns the process and its wall time."""
     t0 = time.time()
-    proc = subprocess.run([CAPFILT, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [CAPFILT, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )
     return proc, time.time() - t0
 
 

@@ -1,6 +1,7 @@
 """``capfilt caption-filter`` and ``capfilt assemble`` on the tiny world, on a real local Ray, with a trained tiny
 captioner and filter and a randomly initialised tiny CLIP: rows and schema, the README's DuckDB queries, the
 same rows whatever the actors and batch sizes, a SIGKILL mid-run then a rerun, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from capfilt_helpers import kill_group, link_inputs, processes_with_env, start_capfilt, tiny_clip_checkpoint, wait_for
+from integration_helpers import CAPFILT, REPO, TINY
 
+from benchmarks._common import link_models, train_models
 from pipelines import storage
 from pipelines.capfilt import OUTPUT_SCHEMA, STATUSES, image_seed, run_caption_filter
 from pipelines.config import load_config
 from pipelines.shards import iter_shard, list_shards, shard_name
-
-from benchmarks._common import link_models, train_models
-from capfilt_helpers import (kill_group, link_inputs, processes_with_env, start_capfilt, tiny_clip_checkpoint,
-                             wait_for)
-from integration_helpers import CAPFILT, REPO, TINY
 
 pytestmark = pytest.mark.integration
 
@@ -35,21 +34,31 @@ K = 2
 ROUND = 1
 README = REPO / "README.md"
 # Three pools of 2 actors (0.3 CPU each) and a decode task (0.2) fit in the session's 2 CPUs.
-POOLS_1x8 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool")
-             for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]
-POOLS_2x3 = [f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool")
-             for k in ("actors=2", "batch_size=3", "num_cpus=0.3")]
+POOLS_1x8 = [
+    f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool") for k in ("actors=1", "batch_size=8", "num_cpus=0.3")
+]
+POOLS_2x3 = [
+    f"capfilt.{p}.{k}" for p in ("captioner_pool", "filter_pool") for k in ("actors=2", "batch_size=3", "num_cpus=0.3")
+]
 
 
 def settings(clip: tuple[Path, Path] | None = None) -> list[str]:
     """The test's CapFilt settings; with ``clip``, the CLIP score too (its own actor pool: only the reference
     run pays for it; the other runs compare every other column with the reference's)."""
-    out = [f"capfilt.num_samples={K}", "capfilt.keep_top_k_synthetic=1", "capfilt.itm_threshold=0.3",
-           "capfilt.model_batch_size=8", "capfilt.decode_num_cpus=0.2"]
+    out = [
+        f"capfilt.num_samples={K}",
+        "capfilt.keep_top_k_synthetic=1",
+        "capfilt.itm_threshold=0.3",
+        "capfilt.model_batch_size=8",
+        "capfilt.decode_num_cpus=0.2",
+    ]
     if clip is not None:
         config_file, weights = clip
-        out += ["capfilt.scorers.clip.model=capfilt-tiny-clip", f"capfilt.scorers.clip.checkpoint={weights}",
-                f"capfilt.scorers.clip.model_config_file={config_file}"]
+        out += [
+            "capfilt.scorers.clip.model=capfilt-tiny-clip",
+            f"capfilt.scorers.clip.checkpoint={weights}",
+            f"capfilt.scorers.clip.model_config_file={config_file}",
+        ]
         out += [f"capfilt.scorers.clip.pool.{k}" for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]
     return out
 
@@ -71,7 +80,7 @@ def key_set(table: pa.Table) -> list[tuple]:
 def readme_sql() -> list[str]:
     """The ```sql blocks of the README's CapFilt section, in order."""
     text = README.read_text()
-    section = text[text.index("### Querying with DuckDB"):text.index("### Assemble")]
+    section = text[text.index("### Querying with DuckDB") : text.index("### Assemble")]
     return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
 
 
@@ -129,7 +138,9 @@ def test_rows_schema_decisions_and_the_readme_queries(reference, tiny_world, mod
     assert table.num_rows == len(images) * (1 + K)
     keys = key_set(table)
     assert len(set(keys)) == len(keys)
-    assert set(keys) == {(k, "web", None) for _, k in images} | {(k, "synthetic", j) for _, k in images for j in range(K)}
+    assert set(keys) == {(k, "web", None) for _, k in images} | {
+        (k, "synthetic", j) for _, k in images for j in range(K)
+    }
     assert {(s, k) for s, k in zip(table["shard"].to_pylist(), table["key"].to_pylist())} == set(images)
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
 
@@ -144,7 +155,7 @@ def test_rows_schema_decisions_and_the_readme_queries(reference, tiny_world, mod
             assert r["clip_score"] is not None and -1.0001 <= r["clip_score"] <= 1.0001
         else:
             assert r["itm_score"] is None and not r["keep"] and r["drop_reason"] == "bad_input"
-    for (shard, key), sample in images.items():
+    for (_, key), sample in images.items():
         web, *syn = sorted(by_image[key], key=lambda r: -1 if r["candidate"] is None else r["candidate"])
         assert web["source"] == "web" and web["text"] == sample.text and web["url"] == sample.meta["url"]
         assert web["seed"] is None and web["text_length"] == len(sample.text)
@@ -155,10 +166,18 @@ def test_rows_schema_decisions_and_the_readme_queries(reference, tiny_world, mod
         best = min(passing, key=lambda s: (-s["itm_score"], s["candidate"])) if passing else None
         for s in syn:
             assert s["keep"] == (s is best)
-            assert s["drop_reason"] == (None if s is best else "not_top_k" if s in passing else
-                                        "itm_below_threshold" if s["status"] == "ok" else "bad_input")
+            assert s["drop_reason"] == (
+                None
+                if s is best
+                else "not_top_k"
+                if s in passing
+                else "itm_below_threshold"
+                if s["status"] == "ok"
+                else "bad_input"
+            )
     ids = {r["captioner_id"] for r in rows}, {r["filter_id"] for r in rows}
     from blip_core import checkpoint_id
+
     assert ids == ({checkpoint_id(models["captioner"] / "model")}, {checkpoint_id(models["filter"] / "model")})
     kept = pc.sum(table["keep"]).as_py()
     assert 0 < kept < table.num_rows, "the test's threshold should keep some texts and drop others"
@@ -172,11 +191,18 @@ def test_rows_schema_decisions_and_the_readme_queries(reference, tiny_world, mod
         meta = pf.schema_arrow.metadata
         s = json.loads(meta[b"capfilt.settings"])
         assert (s["itm_threshold"], s["num_samples"], s["method"], s["top_p"], s["clip_model"]) == (
-            0.3, K, "nucleus", 0.9, "capfilt-tiny-clip")
+            0.3,
+            K,
+            "nucleus",
+            0.9,
+            "capfilt-tiny-clip",
+        )
         assert json.loads(meta[b"capfilt.versions"])["torch"]
         assert meta[b"capfilt.schema_version"] == b"1"
         t = pf.read()
-        assert t.equals(t.sort_by([("shard", "ascending"), ("key", "ascending"), ("candidate", "ascending", "at_start")]))
+        assert t.equals(
+            t.sort_by([("shard", "ascending"), ("key", "ascending"), ("candidate", "ascending", "at_start")])
+        )
 
     # The README's queries run as written (path replaced), and the kept-share one agrees with the rows.
     con = duckdb.connect()
@@ -208,24 +234,32 @@ def test_assemble_writes_the_manifest_of_human_and_kept_texts(reference):
     assert json.loads((dataset / "summary.json").read_text()) == summary
     kept = table.filter(pc.field("keep"))
     for src in ("web", "synthetic"):
-        assert summary[src] == {"kept": kept.filter(pc.equal(kept["source"], src)).num_rows,
-                                "total": table.filter(pc.equal(table["source"], src)).num_rows}
+        assert summary[src] == {
+            "kept": kept.filter(pc.equal(kept["source"], src)).num_rows,
+            "total": table.filter(pc.equal(table["source"], src)).num_rows,
+        }
     assert summary["human"] == {"pairs": 180, "images": 60}
     assert summary["total_pairs"] == 180 + kept.num_rows
     m = read_manifest(str(dataset))
-    assert (m.round, m.capfilt, m.shards) == (ROUND, str(dataset.parent / "capfilt"), str(Path(root) / "ingest" / "web"))
+    assert (m.round, m.capfilt, m.shards) == (
+        ROUND,
+        str(dataset.parent / "capfilt"),
+        str(Path(root) / "ingest" / "web"),
+    )
     # The manifest streams: every kept text comes back once, with its image bytes.
     human, boot = bootstrapped_sources(str(dataset))
     samples = [s for u in boot.units() for s in boot.read(u)]
     assert sorted((s.key, s.text, s.source) for s in samples) == sorted(
-        zip(kept["key"].to_pylist(), kept["text"].to_pylist(), kept["source"].to_pylist()))
+        zip(kept["key"].to_pylist(), kept["text"].to_pylist(), kept["source"].to_pylist())
+    )
     assert all(s.image for s in samples)
     assert sum(u.size for u in human.units()) == 180
 
 
 # ----------------------------------------------------------------------------------------- determinism
-def test_two_actors_with_batches_of_3_give_the_rows_of_one_actor_with_batches_of_8(reference, tiny_world, models,
-                                                                                   tmp_path):
+def test_two_actors_with_batches_of_3_give_the_rows_of_one_actor_with_batches_of_8(
+    reference, tiny_world, models, tmp_path
+):
     root = new_root(tiny_world, models, tmp_path, "run")
     cfg = load_config(TINY, settings() + POOLS_2x3)
     t0 = time.time()
@@ -239,8 +273,9 @@ def test_two_actors_with_batches_of_3_give_the_rows_of_one_actor_with_batches_of
 
 
 # --------------------------------------------------------------------------------------------- kill
-def test_sigkill_mid_run_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(reference, tiny_world, models,
-                                                                                   tmp_path):
+def test_sigkill_mid_run_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_run(
+    reference, tiny_world, models, tmp_path
+):
     root = new_root(tiny_world, models, tmp_path, "run")
     out = Path(root) / f"round={ROUND}" / "capfilt"
     marker = f"CAPFILT_TEST_RUN={uuid.uuid4().hex}"
@@ -265,12 +300,14 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_rows_of_an_uninterrupted_r
     assert 1 <= n_done < total, f"the kill should land mid-run ({n_done}/{total} units done):\n{log_text[-2000:]}"
     assert not storage.is_committed(str(out))
     wait_for(lambda: not processes_with_env(marker), timeout=30, what="the killed run's processes to exit")
-    committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.parquet")
-                 if (out / "_done" / f"{p.stem}.json").exists()}
+    committed = {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in out.glob("*.parquet")
+        if (out / "_done" / f"{p.stem}.json").exists()
+    }
     assert len(committed) == n_done
 
-    proc = subprocess.run([CAPFILT, *args], capture_output=True, text=True, cwd=REPO, env={**base, **env},
-                          timeout=300)
+    proc = subprocess.run([CAPFILT, *args], capture_output=True, text=True, cwd=REPO, env={**base, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{n_done} already committed, {total - n_done} to do" in proc.stderr
     assert storage.is_committed(str(out))
@@ -304,8 +341,9 @@ def _write_tar(path: Path, samples: list[dict], truncate_at: float | None = None
     path.write_bytes(data[: int(len(data) * truncate_at)] if truncate_at else data)
 
 
-def test_bad_images_and_texts_get_a_status_and_never_cost_their_neighbours(reference, tiny_world, models,
-                                                                          quiet_ray, tmp_path):
+def test_bad_images_and_texts_get_a_status_and_never_cost_their_neighbours(
+    reference, tiny_world, models, quiet_ray, tmp_path
+):
     root = str(tmp_path / "run")
     link_models(models, root, ROUND)
     ingest = Path(root) / "ingest" / "web"
@@ -313,8 +351,14 @@ def test_bad_images_and_texts_get_a_status_and_never_cost_their_neighbours(refer
     src = list_shards(str(Path(tiny_world) / "ingest" / "web"))
     shard0 = [{"key": s.key, "image": s.image, "text": s.text, "meta": s.meta} for s in iter_shard(src[0])]
     keys = [s["key"] for s in shard0]
-    bad = {keys[3]: "corrupt_image", keys[5]: "corrupt_image", keys[11]: "missing_image",
-           keys[7]: "empty_text", keys[9]: "empty_text", keys[13]: "text_too_long"}
+    bad = {
+        keys[3]: "corrupt_image",
+        keys[5]: "corrupt_image",
+        keys[11]: "missing_image",
+        keys[7]: "empty_text",
+        keys[9]: "empty_text",
+        keys[13]: "text_too_long",
+    }
     shard0[3]["image"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
     shard0[5]["image"] = shard0[5]["image"][: len(shard0[5]["image"]) // 3]  # a truncated JPEG
     shard0[11]["image"] = None
@@ -368,18 +412,26 @@ PLUGIN = ["capfilt.plugins=[toy_plugins]"]
 def test_a_scorer_registered_by_a_plugin_adds_its_column_and_its_rule(reference, tiny_world, models, tmp_path):
     """toy_plugins' brightness scorer, named only in the config: its column comes last in the Parquet, its values
     are each image's mean colour, and its keep_above drops exactly the texts of darker images."""
+    from toy_plugins import PIXELS
+
     from blip_core.transforms import decode_image
     from pipelines.capfilt.pixels import pil_transform
-    from toy_plugins import PIXELS
 
     threshold = 0.6
     root = new_root(tiny_world, models, tmp_path, "brightness")
-    cfg = load_config(TINY, settings() + POOLS_1x8 + PLUGIN + [
-        f"capfilt.scorers.brightness.keep_above={threshold}",
-        *[f"capfilt.scorers.brightness.pool.{k}" for k in ("actors=1", "batch_size=8", "num_cpus=0.3")]])
+    cfg = load_config(
+        TINY,
+        settings()
+        + POOLS_1x8
+        + PLUGIN
+        + [
+            f"capfilt.scorers.brightness.keep_above={threshold}",
+            *[f"capfilt.scorers.brightness.pool.{k}" for k in ("actors=1", "batch_size=8", "num_cpus=0.3")],
+        ],
+    )
     summary = run_caption_filter(cfg, root, ROUND)
-    got = read_output(root)
-    assert got.column_names == OUTPUT_SCHEMA.names + ["brightness"]
+    assert read_output(root).column_names == OUTPUT_SCHEMA.names + ["brightness"]
+    got = without_clip(read_output(root))
     assert "brightness > 0.6" in summary["settings"]["keep_rule"]
     ref = without_clip(reference["table"])
     assert got.drop_columns(["brightness", "keep", "drop_reason"]).equals(ref.drop_columns(["keep", "drop_reason"]))
@@ -399,21 +451,23 @@ def test_a_scorer_registered_by_a_plugin_adds_its_column_and_its_rule(reference,
         else:
             dark += 1
             assert not r["keep"]
-            assert r["drop_reason"] == (want["drop_reason"] if want["drop_reason"] == "itm_below_threshold"
-                                        else "brightness_rule")
+            assert r["drop_reason"] == (
+                want["drop_reason"] if want["drop_reason"] == "itm_below_threshold" else "brightness_rule"
+            )
     assert dark > 30 and bright > 30, (dark, bright)  # the rule cut the set, not all or nothing
 
 
 def test_a_captioner_registered_by_a_plugin_writes_the_synthetic_texts(reference, tiny_world, models, tmp_path):
     """toy_plugins' colour captioner replaces BLIP's by config alone; the filter scores its captions."""
+    from toy_plugins import PIXELS, dominant_colour
+
     from blip_core.transforms import decode_image
     from pipelines.capfilt.pixels import pil_transform
-    from toy_plugins import PIXELS, dominant_colour
 
     root = new_root(tiny_world, models, tmp_path, "colour")
     cfg = load_config(TINY, settings() + POOLS_1x8 + PLUGIN + ["capfilt.captioner_kind=toy_colour"])
     summary = run_caption_filter(cfg, root, ROUND)
-    got = read_output(root)
+    got = without_clip(read_output(root))
     assert summary["settings"]["captioner_kind"] == "toy_colour"
     assert set(got["captioner_id"].to_pylist()) == {"toy-colour-v1"}
     ref = without_clip(reference["table"])
@@ -450,19 +504,42 @@ def test_units_publish_and_are_recognised_on_s3(s3_root):
     from pipelines.capfilt.rows import UNIT_COLUMN, build_rows
 
     spec = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
-    s = C.Settings(round=1, seed=0, source="web", captioner=C.ModelRef("blip", BlipCaptioner, "c", "c" * 16, spec),
-                   filter=C.ModelRef("blip_itm", BlipFilter, "f", "f" * 16, spec), num_samples=1, method="nucleus",
-                   top_p=0.9, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0, prompt=None,
-                   itm_threshold=0.5, keep_top_k_synthetic=None, max_text_chars=100, model_batch_size=8,
-                   amp="none", use_gpu=False)
+    s = C.Settings(
+        round=1,
+        seed=0,
+        source="web",
+        captioner=C.ModelRef("blip", BlipCaptioner, "c", "c" * 16, spec),
+        filter=C.ModelRef("blip_itm", BlipFilter, "f", "f" * 16, spec),
+        num_samples=1,
+        method="nucleus",
+        top_p=0.9,
+        num_beams=3,
+        max_length=20,
+        min_length=5,
+        repetition_penalty=1.0,
+        prompt=None,
+        itm_threshold=0.5,
+        keep_top_k_synthetic=None,
+        max_text_chars=100,
+        model_batch_size=8,
+        amp="none",
+        use_gpu=False,
+    )
     shards = [f"{s3_root}/ingest/web/{i:05d}.tar" for i in range(2)]
     plan = load_or_create_plan(out, shards, s, 1)
-    b = {UNIT_COLUMN: np.zeros(2, np.int32), "shard": np.array(["00000"] * 2, dtype=object),
-         "key": np.array(["k1", "k0"], dtype=object), "url": np.array([None, None], dtype=object),
-         "seed": np.arange(2, dtype=np.int64), "text": np.array(["a", "b"], dtype=object),
-         "text_length": np.ones(2, np.int32), "text_status": np.array(["ok"] * 2, dtype=object),
-         "image_status": np.array(["ok"] * 2, dtype=object), "error": np.array([None] * 2, dtype=object),
-         "syn_0": np.array(["x", "y"], dtype=object)}
+    b = {
+        UNIT_COLUMN: np.zeros(2, np.int32),
+        "shard": np.array(["00000"] * 2, dtype=object),
+        "key": np.array(["k1", "k0"], dtype=object),
+        "url": np.array([None, None], dtype=object),
+        "seed": np.arange(2, dtype=np.int64),
+        "text": np.array(["a", "b"], dtype=object),
+        "text_length": np.ones(2, np.int32),
+        "text_status": np.array(["ok"] * 2, dtype=object),
+        "image_status": np.array(["ok"] * 2, dtype=object),
+        "error": np.array([None] * 2, dtype=object),
+        "syn_0": np.array(["x", "y"], dtype=object),
+    }
     for name in ("itm_score", "itc_score"):
         b.update({f"{name}__{j}": np.full(2, 0.7, dtype=np.float32) for j in range(2)})
     marker = write_unit(out, plan.units[0], build_rows(b, s), s, 1024, [])

@@ -1,10 +1,11 @@
 """The downstream heads learn their tiny synthetic tasks: VQA, NLVR2 and zero-shot video-text retrieval.
 
-One module fixture writes the tasks (BLIP's annotation formats, pipelines/synthetic_tasks.py), trains a small
+One module fixture writes the tasks (BLIP's annotation formats, pipelines/world/tasks.py), trains a small
 vocabulary and pre-trains a tiny BlipModel for ~30 s with ITC + ITM on single-object world images. Each head then
 fine-tunes (or, for video, is applied zero-shot) through the same entry points users call, and is checked
 against a baseline that does not look at the images or that was never trained.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,9 @@ def tasks(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the figures in the README were measured so; restored for the tests after these
     root = tmp_path_factory.mktemp("tasks")
-    files = write_tasks(str(root), seed=0, image_size=SIZE, vqa_images=(2000, 200), nlvr_pairs=(2000, 200),
-                        video_clips=40)
+    files = write_tasks(
+        str(root), seed=0, image_size=SIZE, vqa_images=(2000, 200), nlvr_pairs=(2000, 200), video_clips=40
+    )
     facts = [_single(_rng(7, 1, i)) for i in range(2000)]
     tf = eval_transform(SIZE)
     images = torch.stack([tf(render_image(f, SIZE, _rng(7, 2, i))) for i, f in enumerate(facts)])
@@ -57,10 +59,23 @@ def tasks(tmp_path_factory):
     texts += [r["sentence"] for r in json.loads(Path(files["nlvr"]["train"]).read_text())]
     tok = BlipTokenizer.train(texts, vocab_size=200)
     cfg = BlipConfig.preset(
-        "tiny", vision={"image_size": SIZE, "patch_size": 8, "width": 64, "depth": 2, "heads": 2},
-        text={"width": 64, "depth": 2, "heads": 2, "intermediate_size": 128, "max_positions": 40,
-              "initializer_range": 0.125, "vocab_size": tok.vocab_size, **tok.special_ids()},
-        embed_dim=32, queue_size=64, momentum=0.95, itm_negatives="uniform")
+        "tiny",
+        vision={"image_size": SIZE, "patch_size": 8, "width": 64, "depth": 2, "heads": 2},
+        text={
+            "width": 64,
+            "depth": 2,
+            "heads": 2,
+            "intermediate_size": 128,
+            "max_positions": 40,
+            "initializer_range": 0.125,
+            "vocab_size": tok.vocab_size,
+            **tok.special_ids(),
+        },
+        embed_dim=32,
+        queue_size=64,
+        momentum=0.95,
+        itm_negatives="uniform",
+    )
     torch.manual_seed(0)
     model = BlipModel(cfg, tok)
     model.save_pretrained(root / "scratch")
@@ -78,22 +93,46 @@ def _language_prior_accuracy(train: str, test: str) -> float:
         by_question[r["question"]][r["answer"][0]] += 1
     overall = collections.Counter(r["answer"][0] for r in train_rows).most_common(1)[0][0]
     test_rows = json.loads(Path(test).read_text())
-    hits = sum((by_question[r["question"]].most_common(1)[0][0] if r["question"] in by_question else overall)
-               == r["answer"][0] for r in test_rows)
+    hits = sum(
+        (by_question[r["question"]].most_common(1)[0][0] if r["question"] in by_question else overall) == r["answer"][0]
+        for r in test_rows
+    )
     return 100.0 * hits / len(test_rows)
 
 
 def test_vqa_learns_to_answer_from_the_image(tasks, tmp_path):
     files, root = tasks["files"]["vqa"], str(tasks["root"])
     out = tmp_path / "vqa"
-    fit = subprocess.run([CAPFILT, "vqa", "finetune", "--model", tasks["pretrained"], "--ann", files["train"],
-                          "--images", root, "--out", str(out), "--epochs", "10", "--lr", "5e-4", "--no-augment"],
-                         capture_output=True, text=True, timeout=600)
+    fit = subprocess.run(
+        [
+            CAPFILT,
+            "vqa",
+            "finetune",
+            "--model",
+            tasks["pretrained"],
+            "--ann",
+            files["train"],
+            "--images",
+            root,
+            "--out",
+            str(out),
+            "--epochs",
+            "10",
+            "--lr",
+            "5e-4",
+            "--no-augment",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fit.returncode == 0, fit.stderr[-2000:]
     summary = json.loads(fit.stdout.strip().splitlines()[-1])
     assert summary["loss"][-1] < 0.8 * summary["loss"][0]
     prior = _language_prior_accuracy(files["train"], files["test"])
-    ranked = ds.eval_vqa(str(out), files["test"], root, answer_list=files["answer_list"], out=str(tmp_path / "res.json"))
+    ranked = ds.eval_vqa(
+        str(out), files["test"], root, answer_list=files["answer_list"], out=str(tmp_path / "res.json")
+    )
     generated = ds.eval_vqa(str(out), files["test"], root)
     print("vqa", ranked, generated, "language prior", prior)
     assert ranked["accuracy"] >= prior + 20, (ranked, prior)
@@ -106,8 +145,9 @@ def test_vqa_learns_to_answer_from_the_image(tasks, tmp_path):
 
 def test_nlvr_learns_statements_about_image_pairs(tasks, tmp_path):
     files, root = tasks["files"]["nlvr"], str(tasks["root"])
-    fit = ds.finetune_nlvr(tasks["pretrained"], files["train"], root, str(tmp_path / "nlvr"), epochs=10, lr=5e-4,
-                           augment=False)
+    fit = ds.finetune_nlvr(
+        tasks["pretrained"], files["train"], root, str(tmp_path / "nlvr"), epochs=10, lr=5e-4, augment=False
+    )
     assert fit["loss"][-1] < 0.6 * fit["loss"][0]
     result = ds.eval_nlvr(str(tmp_path / "nlvr"), files["test"], root)
     print("nlvr", result)
@@ -128,7 +168,11 @@ def test_zero_shot_video_retrieval_uses_what_the_image_model_learned(tasks):
 def test_downstream_cli_bad_input_is_one_line(tasks, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "what?"}]))
-    run = subprocess.run([CAPFILT, "vqa", "eval", "--model", tasks["pretrained"], "--ann", str(bad), "--images",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [CAPFILT, "vqa", "eval", "--model", tasks["pretrained"], "--ann", str(bad), "--images", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == f"capfilt vqa: {bad}: entry 0 lacks ['image']"

@@ -1,4 +1,5 @@
 """``capfilt synth`` then ``capfilt ingest`` through a real loopback HTTP server and img2dataset."""
+
 from __future__ import annotations
 
 import csv
@@ -12,18 +13,25 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from integration_helpers import TINY, capfilt, read_shards
 from PIL import Image
 
 from pipelines import storage
 from pipelines.shards import iter_shard, list_shards
 from pipelines.world import serve_directory, serve_world, world_files
 
-from integration_helpers import TINY, capfilt, read_shards
-
 pytestmark = pytest.mark.integration
 
-SMALL_WORLD = ["--set", "world.n_web=120", "--set", "world.n_human=6", "--set", "world.n_test=4",
-               "--set", "ingest.shard_size=50"]
+SMALL_WORLD = [
+    "--set",
+    "world.n_web=120",
+    "--set",
+    "world.n_human=6",
+    "--set",
+    "world.n_test=4",
+    "--set",
+    "ingest.shard_size=50",
+]
 
 
 def _url_path(url: str) -> str:
@@ -106,7 +114,8 @@ def test_synth_then_ingest_lands_exactly_the_reachable_images(tmp_path):
     redone = json.loads((Path(out) / "manifest.json").read_text())
     assert redone["this_run"]["shards"] == 1 and redone["this_run"]["samples"] == 50
     assert {k: v for k, v in redone.items() if k != "this_run"} == {
-        k: v for k, v in manifest.items() if k != "this_run"}
+        k: v for k, v in manifest.items() if k != "this_run"
+    }
     assert all((Path(out) / n).stat().st_mtime_ns == t for n, t in kept.items() if not n.startswith("00001"))
     assert read_shards(out)[0].keys() == samples.keys()
 
@@ -137,7 +146,7 @@ NASTY_CAPTIONS = {
     "null_word": "NA",
     "empty": "",
     "spaces": "  leading and trailing  ",
-    "quotes": 'she said "hi", then; left, \'ok\'',
+    "quotes": "she said \"hi\", then; left, 'ok'",
 }
 
 
@@ -171,9 +180,26 @@ def test_bad_input_is_recorded_and_good_images_keep_their_captions_byte_for_byte
             w.writerows(rows)
         root = str(tmp_path / "run")
         proc, seconds = capfilt(
-            "ingest", "--config", TINY, "--root", root, "--set", f"ingest.url_list={list_path}",
-            "--set", "ingest.input_format=csv", "--set", "ingest.url_col=link", "--set", "ingest.caption_col=text",
-            "--set", "ingest.source=userlist", "--set", "ingest.shard_size=8", "--set", "ingest.timeout=5")
+            "ingest",
+            "--config",
+            TINY,
+            "--root",
+            root,
+            "--set",
+            f"ingest.url_list={list_path}",
+            "--set",
+            "ingest.input_format=csv",
+            "--set",
+            "ingest.url_col=link",
+            "--set",
+            "ingest.caption_col=text",
+            "--set",
+            "ingest.source=userlist",
+            "--set",
+            "ingest.shard_size=8",
+            "--set",
+            "ingest.timeout=5",
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = storage.RunRoot(root).ingest("userlist")
@@ -181,7 +207,7 @@ def test_bad_input_is_recorded_and_good_images_keep_their_captions_byte_for_byte
     samples, parquet_rows = read_shards(out)
     caption_of = dict(rows)
     landed = {json.loads(s["json"])["url"]: s for s in samples.values()}
-    assert set(landed) == {u for u, _ in rows[:len(NASTY_CAPTIONS)]}
+    assert set(landed) == {u for u, _ in rows[: len(NASTY_CAPTIONS)]}
     for url, files in landed.items():
         assert files["txt"] == caption_of[url].encode("utf-8"), url
         assert "jpg" in files
@@ -231,8 +257,10 @@ def test_url_list_formats_read_the_same_exact_strings(tmp_path):
         csv.writer(f, delimiter="\t").writerows([("u", "c"), *rows])
     with open(tmp_path / "l.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"u": u, "c": c, "extra": 1}) + "\n" for u, c in rows)
-    pq.write_table(pa.table({"u": [u for u, _ in rows], "c": [c for _, c in rows], "x": list(range(len(rows)))}),
-                   tmp_path / "l.parquet")
+    pq.write_table(
+        pa.table({"u": [u for u, _ in rows], "c": [c for _, c in rows], "x": list(range(len(rows)))}),
+        tmp_path / "l.parquet",
+    )
     (tmp_path / "l.txt").write_text("".join(u + "\n" for u, _ in rows))
     for fmt in ("csv", "tsv", "jsonl", "parquet"):
         folder = tmp_path / f"out-{fmt}"
@@ -248,15 +276,19 @@ def test_url_list_formats_read_the_same_exact_strings(tmp_path):
     assert pq.read_table(folder / "00000.parquet")["url"].to_pylist() == [u for u, _ in rows]
     assert not prepared.has_caption
     with pytest.raises(IngestError, match="ingest.url_col"):
-        prepare_url_list(IngestConfig(url_list=str(tmp_path / "l.csv"), input_format="csv", url_col="nope",
-                                      caption_col="c"), str(folder))
+        prepare_url_list(
+            IngestConfig(url_list=str(tmp_path / "l.csv"), input_format="csv", url_col="nope", caption_col="c"),
+            str(folder),
+        )
     with pytest.raises(IngestError, match="does not exist"):
         prepare_url_list(IngestConfig(url_list=str(tmp_path / "none.csv"), input_format="csv"), str(folder))
     # A directory of lists: every file, in name order.
     (tmp_path / "many").mkdir()
     for k in range(3):
-        pq.write_table(pa.table({"url": [f"http://x/{k}-{i}" for i in range(k + 1)], "caption": ["c"] * (k + 1)}),
-                       tmp_path / "many" / f"part-{k}.parquet")
+        pq.write_table(
+            pa.table({"url": [f"http://x/{k}-{i}" for i in range(k + 1)], "caption": ["c"] * (k + 1)}),
+            tmp_path / "many" / f"part-{k}.parquet",
+        )
     folder = tmp_path / "out-many"
     folder.mkdir()
     prepared = prepare_url_list(IngestConfig(url_list=str(tmp_path / "many")), str(folder))

@@ -1,4 +1,5 @@
 """The same ingestion with the run root (and a URL list) on ``s3://``, against SeaweedFS on loopback."""
+
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from integration_helpers import TINY, capfilt, read_shards
 from PIL import Image
 
 from pipelines import storage
@@ -17,12 +19,18 @@ from pipelines.config import load_config
 from pipelines.ingest import run_ingest
 from pipelines.world import serve_directory, world_files
 
-from integration_helpers import TINY, capfilt, read_shards
-
 pytestmark = pytest.mark.integration
 
-SMALL_WORLD = ["--set", "world.n_web=120", "--set", "world.n_human=6", "--set", "world.n_test=4",
-               "--set", "ingest.shard_size=50"]
+SMALL_WORLD = [
+    "--set",
+    "world.n_web=120",
+    "--set",
+    "world.n_human=6",
+    "--set",
+    "world.n_test=4",
+    "--set",
+    "ingest.shard_size=50",
+]
 
 
 def _listing(url: str) -> dict[str, str]:

@@ -1,18 +1,20 @@
 """Readers against real services: Ray Data's webdataset reader on a local Ray, and the readers on s3://
 (SeaweedFS on loopback, from tests/conftest.py)."""
+
 from __future__ import annotations
 
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the shard writers of the unit tests
 
 from data_helpers import key_of, write_shards  # noqa: E402
+
 from pipelines.data import ShardStream, list_shards, read_shards_ray  # noqa: E402
 from pipelines.shards import RAY_COLUMNS  # noqa: E402
 
@@ -82,8 +84,12 @@ def test_readers_on_s3(s3_root, s3_server, ray_local):
     assert stream.stats()["corrupt"] == 1
 
     # Ray's workers do not share this process's environment: the S3 settings travel as storage options.
-    opts = {"endpoint_url": s3_server.endpoint, "key": s3_server.env["AWS_ACCESS_KEY_ID"],
-            "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"]}
+    opts = {
+        "endpoint_url": s3_server.endpoint,
+        "key": s3_server.env["AWS_ACCESS_KEY_ID"],
+        "secret": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+    }
     rows = read_shards_ray(shards, storage_options=opts).take_all()
     assert {(r["key"], r["shard"], r["text"], r["image"]) for r in rows} == {
-        (k, t["shard"], t["text"], t["image"]) for k, t in truth.items()}
+        (k, t["shard"], t["text"], t["image"]) for k, t in truth.items()
+    }

@@ -6,6 +6,7 @@ bad-input rows, and hostile web captions), two of the three training jobs' ``met
 left missing) and round 1's evaluation only (round 2's is missing). The report must show all of it, say
 "not available" for the missing pieces, escape the hostile captions and make no external request.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from capfilt_helpers import link_inputs
+from integration_helpers import TINY
 
 from pipelines import storage
 from pipelines.capfilt import OUTPUT_SCHEMA
@@ -30,9 +33,6 @@ from pipelines.config import load_config
 from pipelines.report import choose_samples, run_report
 from pipelines.shards import iter_shard, list_shards, shard_name
 from pipelines.summary import filter_agreement
-
-from capfilt_helpers import link_inputs
-from integration_helpers import TINY
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "met
 
 
 class Node:
-    def __init__(self, tag: str, attrs: dict[str, str | None], parent: "Node | None"):
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: Node | None):
         self.tag, self.attrs, self.parent, self.children, self.texts = tag, attrs, parent, [], []
 
     def text(self) -> str:
@@ -58,16 +58,19 @@ class Node:
         for c in self.children:
             yield from c.iter()
 
-    def find_all(self, tag: str | None = None, **attrs: str) -> list["Node"]:
-        return [n for n in self.iter() if (tag is None or n.tag == tag)
-                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+    def find_all(self, tag: str | None = None, **attrs: str) -> list[Node]:
+        return [
+            n
+            for n in self.iter()
+            if (tag is None or n.tag == tag) and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())
+        ]
 
-    def find(self, tag: str | None = None, **attrs: str) -> "Node":
+    def find(self, tag: str | None = None, **attrs: str) -> Node:
         found = self.find_all(tag, **attrs)
         assert found, f"no <{tag}> with {attrs} under <{self.tag} {self.attrs}>"
         return found[0]
 
-    def by_class(self, cls: str) -> list["Node"]:
+    def by_class(self, cls: str) -> list[Node]:
         return [n for n in self.iter() if cls in (n.attrs.get("class") or "").split()]
 
 
@@ -106,6 +109,7 @@ def parse(html: str) -> Node:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
+
 def write_capfilt(root: str, seed: int = 0) -> Path:
     """A CapFilt Parquet over every ingested image: one web and one synthetic row each, a few bad inputs,
     hostile captions on two of the images the report will pick."""
@@ -113,8 +117,17 @@ def write_capfilt(root: str, seed: int = 0) -> Path:
     rows = []
     for shard_url in list_shards(storage.join(root, "ingest", "web")):
         for i, s in enumerate(iter_shard(shard_url)):
-            base = {"key": s.key, "shard": shard_name(shard_url), "url": s.meta.get("url"), "round": 1,
-                    "captioner_id": "c" * 16, "filter_id": "f" * 16, "clip_score": None, "error": None, "seed": None}
+            base = {
+                "key": s.key,
+                "shard": shard_name(shard_url),
+                "url": s.meta.get("url"),
+                "round": 1,
+                "captioner_id": "c" * 16,
+                "filter_id": "f" * 16,
+                "clip_score": None,
+                "error": None,
+                "seed": None,
+            }
             bad = i % 37 == 5
             for source, cand, text in (("web", None, s.text), ("synthetic", 0, f"a picture of thing {s.key}")):
                 if bad and source == "synthetic":
@@ -122,10 +135,20 @@ def write_capfilt(root: str, seed: int = 0) -> Path:
                 itm = None if bad else float(rng.beta(2, 2) if source == "web" else rng.beta(4, 2))
                 itc = None if bad else float(rng.uniform(-0.3, 0.7))
                 keep = itm is not None and itm > 0.5
-                rows.append({**base, "source": source, "candidate": cand, "text": text, "text_length": len(text),
-                             "itm_score": itm, "itc_score": itc, "keep": keep,
-                             "status": "corrupt_image" if bad else "ok",
-                             "drop_reason": None if keep else ("bad_input" if bad else "itm_below_threshold")})
+                rows.append(
+                    {
+                        **base,
+                        "source": source,
+                        "candidate": cand,
+                        "text": text,
+                        "text_length": len(text),
+                        "itm_score": itm,
+                        "itc_score": itc,
+                        "keep": keep,
+                        "status": "corrupt_image" if bad else "ok",
+                        "drop_reason": None if keep else ("bad_input" if bad else "itm_below_threshold"),
+                    }
+                )
     table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
     shown = [k for _, k in choose_samples(table, SAMPLES)]  # the choice depends on keys and keep, not on texts
     texts = table.column("text").to_pylist()
@@ -150,12 +173,22 @@ def write_metrics(root: str) -> dict:
         with open(r1 / job / "metrics.jsonl", "w") as f:
             for s in range(1, n + 1):
                 losses = {"lm": 5 / s} if job == "captioner" else {"itc": 4 / s, "itm": 0.7, "lm": 5 / s}
-                f.write(json.dumps({"kind": "train", "step": 5 * s, "epoch": 0, **losses,
-                                    "loss": sum(losses.values()), "lr": 1e-4}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"kind": "train", "step": 5 * s, "epoch": 0, **losses, "loss": sum(losses.values()), "lr": 1e-4}
+                    )
+                    + "\n"
+                )
             f.write(json.dumps({"kind": "eval", "step": 5 * n, "epoch": 0, "r1_mean": 12.5}) + "\n")
-    metrics = {"round": 1, "retrieval_r1": 13.75, "cider": 42.125, "caption_attribute_accuracy": 61.5,
-               "images": 40, "retrieval": {"txt_r1": 17.5, "img_r1": 10.0, "txt_r5": 40.0, "img_r5": 35.0,
-                                           "r_mean": 30.0}, "captioning": {"bleu4": 8.25}}
+    metrics = {
+        "round": 1,
+        "retrieval_r1": 13.75,
+        "cider": 42.125,
+        "caption_attribute_accuracy": 61.5,
+        "images": 40,
+        "retrieval": {"txt_r1": 17.5, "img_r1": 10.0, "txt_r5": 40.0, "img_r5": 35.0, "r_mean": 30.0},
+        "captioning": {"bleu4": 8.25},
+    }
     storage.write_json(str(r1 / "eval" / "metrics.json"), metrics)
     storage.commit(str(r1 / "eval"))
     return {"steps": steps, "eval": metrics}
@@ -171,22 +204,32 @@ def chromium() -> str:
 def run_chromium(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     """Chromium in its own process group, the whole group stopped if it hangs: a dialog opened by an injected
     ``alert()`` blocks a headless load forever, which is one of the failures this test is looking for."""
-    proc = subprocess.Popen([chromium(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [chromium(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"chromium did not finish loading the report in {timeout:.0f}s: a script in the page "
-                    "(injected through an unescaped caption?) may have opened a dialog")
+        pytest.fail(
+            f"chromium did not finish loading the report in {timeout:.0f}s: a script in the page "
+            "(injected through an unescaped caption?) may have opened a dialog"
+        )
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def render(html_file: Path, tmp: Path) -> tuple[str, bytes]:
     """Chromium's DOM after loading the page (scripts run, if any got in), and a screenshot."""
-    base = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-            f"--user-data-dir={tmp / 'profile'}", "--window-size=1400,4000"]
+    base = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--window-size=1400,4000",
+    ]
     dom = run_chromium(base + ["--dump-dom", html_file.as_uri()])
     assert dom.returncode == 0 and "<html" in dom.stdout, dom.stderr[-2000:]
     shot = tmp / "report.png"
@@ -196,6 +239,7 @@ def render(html_file: Path, tmp: Path) -> tuple[str, bytes]:
 
 
 # ------------------------------------------------------------------------------------------------ the test
+
 
 @pytest.fixture(scope="module")
 def report(tiny_world: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -229,7 +273,7 @@ def test_sections_and_self_containment(report: dict) -> None:
 
 def test_kept_share_matches_parquet(report: dict) -> None:
     expected = duckdb.sql(f"""SELECT source, count(*), count(*) FILTER (WHERE status <> 'ok'), sum(keep::INT)
-                              FROM read_parquet('{report['capfilt']}/part-*.parquet') GROUP BY source""").fetchall()
+                              FROM read_parquet('{report["capfilt"]}/part-*.parquet') GROUP BY source""").fetchall()
     section = report["dom"].find("section", id="kept-share")
     for source, texts, bad, kept in expected:
         row = section.find("tr", data_source=source)
@@ -241,8 +285,10 @@ def test_kept_share_matches_parquet(report: dict) -> None:
 
 
 def test_score_histograms(report: dict) -> None:
-    scored = dict(duckdb.sql(f"""SELECT source, count(itm_score) FROM read_parquet('{report['capfilt']}/*.parquet')
-                                 GROUP BY source""").fetchall())
+    scored = dict(
+        duckdb.sql(f"""SELECT source, count(itm_score) FROM read_parquet('{report["capfilt"]}/*.parquet')
+                                 GROUP BY source""").fetchall()
+    )
     section = report["dom"].find("section", id="score-histograms")
     for chart_id, bins in (("hist-itm", 20), ("hist-itc", 20)):
         bars = section.find("svg", id=chart_id).by_class("bar")
@@ -293,9 +339,13 @@ def test_training_curves(report: dict) -> None:
 def test_evaluation_table(report: dict) -> None:
     section = report["dom"].find("section", id="evaluation")
     m = report["eval"]
-    for metric, value in (("retrieval_r1", m["retrieval_r1"]), ("cider", m["cider"]),
-                          ("caption_attribute_accuracy", m["caption_attribute_accuracy"]),
-                          ("retrieval.txt_r1", m["retrieval"]["txt_r1"]), ("retrieval.img_r1", m["retrieval"]["img_r1"])):
+    for metric, value in (
+        ("retrieval_r1", m["retrieval_r1"]),
+        ("cider", m["cider"]),
+        ("caption_attribute_accuracy", m["caption_attribute_accuracy"]),
+        ("retrieval.txt_r1", m["retrieval"]["txt_r1"]),
+        ("retrieval.img_r1", m["retrieval"]["img_r1"]),
+    ):
         row = section.find("tr", data_metric=metric)
         assert row.by_class("round-1")[0].text() == f"{value:.2f}"
         assert row.by_class("round-2")[0].text() == "not available"

@@ -1,5 +1,6 @@
 """Training jobs on a real local Ray with 2 Ray Train workers, on the tiny world: pre-training, the captioner and
 the filter fine-tunes, resuming after a SIGKILL (with a worker crash on the way), and the distributed loss."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from integration_helpers import CAPFILT, REPO, TINY
 
 from pipelines import storage
 from pipelines.config import load_config
 from pipelines.train import METRICS, RAY_DIR, first_step_losses, run_job
 from pipelines.train.faults import FAULT_ENV
-
-from integration_helpers import CAPFILT, REPO, TINY
 
 pytestmark = pytest.mark.integration
 
@@ -175,8 +175,18 @@ def test_a_killed_pretraining_resumes_where_it_stopped(trained, tmp_path):
     reference = trained["summary"]["pretrain"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user's run
     # Checkpoints every 10 steps (it changes no weight), so the kill comes early.
-    cmd = [CAPFILT, "pretrain", "--config", TINY, "--root", root, "--round", "1",
-           "--set", "train.pretrain.checkpoint_every_steps=10"]
+    cmd = [
+        CAPFILT,
+        "pretrain",
+        "--config",
+        TINY,
+        "--root",
+        root,
+        "--round",
+        "1",
+        "--set",
+        "train.pretrain.checkpoint_every_steps=10",
+    ]
     log1 = tmp_path / "first.log"
     with open(log1, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -215,8 +225,7 @@ def test_a_killed_pretraining_resumes_where_it_stopped(trained, tmp_path):
     crash_at = min(killed_at + 15, reference["final_step"] - 1)
     marker = tmp_path / "crashed"
     env2 = {**env, FAULT_ENV: f"{crash_at}:1:{marker}"}
-    rerun = subprocess.run(cmd, cwd=REPO, env=env2, capture_output=True, text=True, timeout=300,
-                           start_new_session=True)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env2, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
     assert marker.exists(), "the injected worker crash did not happen"
     assert storage.is_committed(str(job_dir))
@@ -233,8 +242,7 @@ def test_a_killed_pretraining_resumes_where_it_stopped(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ distributed correctness
-def test_two_workers_compute_the_first_step_itc_loss_of_one_on_the_same_global_batch(tiny_world, ray_session,
-                                                                                     tmp_path):
+def test_two_workers_compute_the_first_step_itc_loss_of_one_on_the_same_global_batch(tiny_world, ray_session, tmp_path):
     root = link_inputs(tiny_world, tmp_path / "run")
     cfg = load_config(TINY)
     one = first_step_losses(cfg, root, 1, "pretrain", workers=1, batch_size=16, storage_path=str(tmp_path / "w1"))

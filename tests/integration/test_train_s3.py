@@ -1,5 +1,6 @@
 """Training with the run root on ``s3://`` (SeaweedFS on loopback): Ray Train's storage, checkpoints, metrics,
 TensorBoard events and the model go to S3, and a fine-tune starts from a model it reads back from S3."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,20 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from integration_helpers import TINY, capfilt
 
 from pipelines import storage
 
-from integration_helpers import TINY, capfilt
-
 pytestmark = pytest.mark.integration
 
-SHORT = ["--set", "train.pretrain.max_steps=6", "--set", "train.pretrain.checkpoint_every_steps=3",
-         "--set", "train.captioner.max_steps=4"]
+SHORT = [
+    "--set",
+    "train.pretrain.max_steps=6",
+    "--set",
+    "train.pretrain.checkpoint_every_steps=3",
+    "--set",
+    "train.captioner.max_steps=4",
+]
 
 
 def test_pretrain_and_finetune_with_the_root_on_s3(s3_server, s3_root, tiny_world):
@@ -28,8 +34,19 @@ def test_pretrain_and_finetune_with_the_root_on_s3(s3_server, s3_root, tiny_worl
 
     proc, _ = capfilt("pretrain", "--config", TINY, "--root", s3_root, "--round", "1", *SHORT, env=s3_server.env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    proc, _ = capfilt("finetune", "--config", TINY, "--root", s3_root, "--round", "1", "--role", "captioner",
-                      *SHORT, env=s3_server.env)
+    proc, _ = capfilt(
+        "finetune",
+        "--config",
+        TINY,
+        "--root",
+        s3_root,
+        "--round",
+        "1",
+        "--role",
+        "captioner",
+        *SHORT,
+        env=s3_server.env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     fs.invalidate_cache()

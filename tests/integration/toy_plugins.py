@@ -1,6 +1,7 @@
 """A toy scorer and a toy captioner, registered through caption-filter's seams as a user's plugin module would
 be (``capfilt.plugins: [toy_plugins]``): what the tests check is that a model written outside
 ``pipelines/capfilt`` needs nothing but its own file and the config."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,7 @@ def dominant_colour(pixels: np.ndarray) -> str:
 
 @register_captioner("toy_colour")
 class ColourCaptioner(Captioner):
-    """"a mostly <colour> picture", once per requested sample."""
+    """ "a mostly <colour> picture", once per requested sample."""
 
     @classmethod
     def resolve(cls, cfg, root, round) -> ModelRef:

@@ -2,6 +2,7 @@
 
 A plain module (not conftest.py) so that test files say where their fixtures come from:
 ``from blip_helpers import tokenizer, make_model``."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,14 @@ def tiny_config(tokenizer: BlipTokenizer, **overrides) -> BlipConfig:
     """The 'tiny' preset at 32 px / patch 8, with the ids of ``tokenizer``; ``overrides`` as in ``preset``."""
     base = {
         "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
-        "text": {"width": 32, "depth": 2, "heads": 2, "intermediate_size": 64, "max_positions": 40, **tokenizer.special_ids()},
+        "text": {
+            "width": 32,
+            "depth": 2,
+            "heads": 2,
+            "intermediate_size": 64,
+            "max_positions": 40,
+            **tokenizer.special_ids(),
+        },
         "embed_dim": 16,
         "queue_size": 12,
     }

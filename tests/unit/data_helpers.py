@@ -2,6 +2,7 @@
 
 A plain module (not conftest.py) so that test files say where their helpers come from.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,15 @@ def write_shards(url: str, sizes: list[int], *, corrupt: set[str] = frozenset(),
                 key = key_of(s, i)
                 img = corrupt_jpeg() if key in corrupt else jpeg(colour(s * 1000 + i))
                 text = f"caption of {key} ünïcode ✓"
-                meta = {"url": f"http://127.0.0.1:1/{key}.jpg", "key": key, "status": "success",
-                        "caption": text, "width": 16, "height": 16, "error_message": None}
+                meta = {
+                    "url": f"http://127.0.0.1:1/{key}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "caption": text,
+                    "width": 16,
+                    "height": 16,
+                    "error_message": None,
+                }
                 sink.write({"__key__": key, "jpg": img, "txt": text, "json": json.dumps(meta).encode()})
                 rows.append(meta)
                 samples[key] = {"text": text, "image": img, "shard": f"{s:05d}", "url": meta["url"]}

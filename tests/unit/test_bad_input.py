@@ -1,4 +1,5 @@
 """Bad input gets an error that names the problem: images, texts, configs, checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def test_bad_images_are_named(model, entry, bad, error, message):
 def test_other_float_dtypes_and_sizes_are_accepted(model):
     """float64 is converted; any multiple of the patch size works (positions are interpolated)."""
     x = images(2)
-    torch.testing.assert_close(model.itm_score(x.double(), ["a red square"] * 2), model.itm_score(x, ["a red square"] * 2))
+    torch.testing.assert_close(
+        model.itm_score(x.double(), ["a red square"] * 2), model.itm_score(x, ["a red square"] * 2)
+    )
     assert model.encode_image(images(1, size=48)).shape[1] == 1 + 6 * 6
     out = BlipLosses(model)(x.double(), *model.tokenize(["a red square", "a blue circle"]))
     assert all(torch.isfinite(v) for v in out.values())
@@ -95,14 +98,20 @@ def test_a_text_of_ten_thousand_characters_is_truncated(model):
     torch.testing.assert_close(model.itc_similarity(x, [long]), model.itc_similarity(x, [head]))
     # one 10,000-character "word" is [UNK] (WordPiece's per-word limit), and still works
     ids, _ = model.tokenize(["x" * 10_000])
-    assert ids[0].tolist() == [model.config.text.cls_token_id, model.tokenizer.token_id("[UNK]"), model.config.text.sep_token_id]
+    assert ids[0].tolist() == [
+        model.config.text.cls_token_id,
+        model.tokenizer.token_id("[UNK]"),
+        model.config.text.sep_token_id,
+    ]
     assert torch.isfinite(model.itm_score(x, ["x" * 10_000])).all()
 
 
 def test_sequences_beyond_the_position_table_are_named(model):
     limit = model.config.text.max_positions
     for kw in (dict(num_beams=1), dict(num_beams=3), dict(top_p=0.9, seeds=[0])):
-        with pytest.raises(ValueError, match=f"max_length \\({limit + 5}\\) would exceed text.max_positions \\({limit}\\)"):
+        with pytest.raises(
+            ValueError, match=f"max_length \\({limit + 5}\\) would exceed text.max_positions \\({limit}\\)"
+        ):
             model.generate(images(1), max_length=limit + 5, **kw)
     too_long = torch.full((1, limit + 1), 7)
     with pytest.raises(ValueError, match=f"{limit + 1} token positions exceed text.max_positions \\({limit}\\)"):
@@ -142,7 +151,10 @@ def test_model_without_tokenizer_says_so(tokenizer):
         ({"queue_size": -1}, r"queue_size"),
         ({"text": 5}, r"text: "),
         ({"prompt": 3}, r"prompt: .*string"),
-        ({"vision": {"image_size": 30, "patch_size": 8}}, r"vision\.image_size \(30\) must be a multiple of vision\.patch_size \(8\)"),
+        (
+            {"vision": {"image_size": 30, "patch_size": 8}},
+            r"vision\.image_size \(30\) must be a multiple of vision\.patch_size \(8\)",
+        ),
         ({"text": {"width": 30, "heads": 4}}, r"text\.width \(30\) must be divisible by text\.heads \(4\)"),
         ({"text": {"vocab_size": 100}}, r"text\.cls_token_id \(101\) is outside the vocabulary \(size 100\)"),
     ],
@@ -161,7 +173,9 @@ def test_preset_overrides_are_validated():
 
 
 def test_tokenizer_and_config_must_agree(tokenizer):
-    with pytest.raises(ValueError, match=f"tokenizer has {tokenizer.vocab_size} ids but config.text.vocab_size is 30524"):
+    with pytest.raises(
+        ValueError, match=f"tokenizer has {tokenizer.vocab_size} ids but config.text.vocab_size is 30524"
+    ):
         BlipModel(BlipConfig.preset("tiny"), tokenizer)
 
 
@@ -183,7 +197,10 @@ def _with_config(saved, tmp_path, name, change):
 
 def test_checkpoint_of_another_architecture(saved, tmp_path):
     wider = _with_config(saved, tmp_path, "wider", lambda m: m["config"]["text"].update(width=48, intermediate_size=96))
-    with pytest.raises(ValueError, match=r"wider/model.safetensors does not match .*wider/config.json: size mismatch for text\.embeddings\.word\.weight: .*\(and \d+ more\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"wider/model.safetensors does not match .*wider/config.json: size mismatch for text\.embeddings\.word\.weight: .*\(and \d+ more\)$",
+    ):
         BlipModel.from_pretrained(wider)
     shallower = _with_config(saved, tmp_path, "shallow", lambda m: m["config"]["text"].update(depth=1))
     with pytest.raises(ValueError, match=r"shallow does not match its config: .*unexpected \['text\.decoder\.1"):
@@ -227,7 +244,9 @@ def test_broken_checkpoint_files(saved, tmp_path, tokenizer):
     other_vocab = tmp_path / "other_vocab"
     shutil.copytree(saved, other_vocab)
     BlipTokenizer.train(["just a few words"], vocab_size=40).save_pretrained(other_vocab)
-    with pytest.raises(ValueError, match=f"tokenizer has \\d+ ids but config.text.vocab_size is {tokenizer.vocab_size}"):
+    with pytest.raises(
+        ValueError, match=f"tokenizer has \\d+ ids but config.text.vocab_size is {tokenizer.vocab_size}"
+    ):
         BlipModel.from_pretrained(other_vocab)
 
 
@@ -241,6 +260,7 @@ def test_missing_path(tmp_path):
         BlipModel.from_pretrained(empty)
     weights_only = tmp_path / "w.safetensors"
     weights_only.write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"w.safetensors is neither a checkpoint directory \(with config.json\) nor a .pth file"):
+    with pytest.raises(
+        ValueError, match=r"w.safetensors is neither a checkpoint directory \(with config.json\) nor a .pth file"
+    ):
         BlipModel.from_pretrained(weights_only)
-

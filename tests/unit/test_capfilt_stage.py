@@ -1,5 +1,6 @@
 """The CapFilt stage's pure parts, without Ray: keep decisions and statuses, unit order and publication, the plan,
 and the fixed-shape model calls that make captions and scores independent of batch composition."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,28 @@ PIXELS = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
 
 def settings(tmp_path: Path | None = None, scorers: list | None = None, **over) -> C.Settings:
     where = str(tmp_path or "/x")
-    base = dict(round=1, seed=0, source="web",
-                captioner=C.ModelRef("blip", BlipCaptioner, where + "/cap", "c" * 16, PIXELS),
-                filter=C.ModelRef("blip_itm", BlipFilter, where + "/filt", "f" * 16, PIXELS),
-                num_samples=K, method="nucleus", top_p=0.9, num_beams=3, max_length=12, min_length=3,
-                repetition_penalty=1.0, prompt=None, itm_threshold=0.5, keep_top_k_synthetic=None,
-                max_text_chars=50, model_batch_size=4, amp="none", use_gpu=False, scorers=scorers or [])
+    base = dict(
+        round=1,
+        seed=0,
+        source="web",
+        captioner=C.ModelRef("blip", BlipCaptioner, where + "/cap", "c" * 16, PIXELS),
+        filter=C.ModelRef("blip_itm", BlipFilter, where + "/filt", "f" * 16, PIXELS),
+        num_samples=K,
+        method="nucleus",
+        top_p=0.9,
+        num_beams=3,
+        max_length=12,
+        min_length=3,
+        repetition_penalty=1.0,
+        prompt=None,
+        itm_threshold=0.5,
+        keep_top_k_synthetic=None,
+        max_text_chars=50,
+        model_batch_size=4,
+        amp="none",
+        use_gpu=False,
+        scorers=scorers or [],
+    )
     base.update(over)
     return C.Settings(**base)
 
@@ -46,11 +63,18 @@ def scored(b: dict, itm: np.ndarray, itc: np.ndarray, **more: np.ndarray) -> dic
 
 
 def batch(n: int, **cols) -> dict:
-    b = {UNIT_COLUMN: np.zeros(n, np.int32), "shard": np.array(["00000"] * n, dtype=object),
-         "key": np.array([f"k{i}" for i in range(n)], dtype=object), "url": np.array([None] * n, dtype=object),
-         "seed": np.arange(n, dtype=np.int64), "text": np.array([f"web {i}" for i in range(n)], dtype=object),
-         "text_length": np.full(n, 5, np.int32), "text_status": np.array(["ok"] * n, dtype=object),
-         "image_status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object)}
+    b = {
+        UNIT_COLUMN: np.zeros(n, np.int32),
+        "shard": np.array(["00000"] * n, dtype=object),
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "url": np.array([None] * n, dtype=object),
+        "seed": np.arange(n, dtype=np.int64),
+        "text": np.array([f"web {i}" for i in range(n)], dtype=object),
+        "text_length": np.full(n, 5, np.int32),
+        "text_status": np.array(["ok"] * n, dtype=object),
+        "image_status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
     for j in range(K):
         b[f"syn_{j}"] = np.array([f"syn {i}.{j}" for i in range(n)], dtype=object)
     b.update(cols)
@@ -59,9 +83,12 @@ def batch(n: int, **cols) -> dict:
 
 # ------------------------------------------------------------------------------------------- decisions
 def test_keep_is_the_threshold_and_the_top_k_and_every_drop_says_why():
-    b = batch(3, image_status=np.array(["ok", "ok", "corrupt_image"], dtype=object),
-              text_status=np.array(["ok", "empty_text", "ok"], dtype=object),
-              error=np.array([None, None, "cannot decode"], dtype=object))
+    b = batch(
+        3,
+        image_status=np.array(["ok", "ok", "corrupt_image"], dtype=object),
+        text_status=np.array(["ok", "empty_text", "ok"], dtype=object),
+        error=np.array([None, None, "cannot decode"], dtype=object),
+    )
     b["syn_1"][1] = ""
     itm = np.array([[0.9, 0.7, 0.8], [0.1, 0.6, 0.9], [np.nan] * 3], dtype=np.float32)
     itc = np.full((3, 3), 0.2, dtype=np.float32)
@@ -74,10 +101,20 @@ def test_keep_is_the_threshold_and_the_top_k_and_every_drop_says_why():
     assert got[("k0", "synthetic", 0)]["drop_reason"] == "not_top_k"
     # k1: empty web text is not scored; candidate 1 decoded to nothing
     web1 = got[("k1", "web", None)]
-    assert (web1["status"], web1["itm_score"], web1["keep"], web1["drop_reason"]) == ("empty_text", None, False, "bad_input")
+    assert (web1["status"], web1["itm_score"], web1["keep"], web1["drop_reason"]) == (
+        "empty_text",
+        None,
+        False,
+        "bad_input",
+    )
     assert got[("k1", "synthetic", 0)]["keep"] and got[("k1", "synthetic", 1)]["status"] == "empty_text"
     bad = got[("k2", "web", None)]
-    assert (bad["status"], bad["error"], bad["keep"], bad["itm_score"]) == ("corrupt_image", "cannot decode", False, None)
+    assert (bad["status"], bad["error"], bad["keep"], bad["itm_score"]) == (
+        "corrupt_image",
+        "cannot decode",
+        False,
+        None,
+    )
     assert all(r["seed"] is None for r in rows if r["source"] == "web")
     assert got[("k0", "synthetic", 1)]["seed"] == 0 and got[("k1", "synthetic", 0)]["seed"] == 1
 
@@ -102,8 +139,11 @@ def test_units_are_named_after_their_shards():
     urls = [f"/r/ingest/web/{i:05d}.tar" for i in range(5)]
     assert [u.file for u in make_units(urls, 1)][:2] == ["part-00000.parquet", "part-00001.parquet"]
     units = make_units(urls, 2)
-    assert [(u.name, len(u.shards)) for u in units] == [("part-00000_00001", 2), ("part-00002_00003", 2),
-                                                         ("part-00004", 1)]
+    assert [(u.name, len(u.shards)) for u in units] == [
+        ("part-00000_00001", 2),
+        ("part-00002_00003", 2),
+        ("part-00004", 1),
+    ]
 
 
 class _FakeDataset:
@@ -125,12 +165,20 @@ def _rows(unit: int, keys: list[str], shard: str = "00000", **cols) -> pa.Table:
 def test_consume_publishes_each_unit_when_the_next_starts_with_empty_units_and_shard_errors():
     todo = make_units([f"/r/{i:05d}.tar" for i in range(4)], 1)
     # what the reader sends after a truncated tar: one row, never written, reported in the unit's marker
-    broken = _rows(0, [SHARD_ERROR_KEY], image_status=np.array(["shard_error"], dtype=object),
-                   error=np.array(["after 2 samples: ReadError"], dtype=object))
+    broken = _rows(
+        0,
+        [SHARD_ERROR_KEY],
+        image_status=np.array(["shard_error"], dtype=object),
+        error=np.array(["after 2 samples: ReadError"], dtype=object),
+    )
     mixed = pa.concat_tables([_rows(0, ["a", "b"]), broken, _rows(2, ["c"])])
     written = []
-    consume(_FakeDataset([_rows(0, ["z"]), mixed]), todo,
-            lambda u, t, e: written.append((u.index, t.num_rows, [x["error"] for x in e])), empty_table(settings()))
+    consume(
+        _FakeDataset([_rows(0, ["z"]), mixed]),
+        todo,
+        lambda u, t, e: written.append((u.index, t.num_rows, [x["error"] for x in e])),
+        empty_table(settings()),
+    )
     assert written == [(0, 3 * (1 + K), ["after 2 samples: ReadError"]), (1, 0, []), (2, 1 + K, []), (3, 0, [])]
 
 
@@ -149,8 +197,8 @@ def test_a_unit_is_done_only_with_its_marker_its_file_and_the_same_fingerprint(t
     assert read_done(out, unit, s.fingerprint()) == marker
     assert not list((tmp_path / "capfilt").rglob(".*"))  # no temporary file left behind
     table = pa.parquet.read_table(tmp_path / "capfilt" / unit.file)
-    assert table["key"].to_pylist()[:1 + K] == ["a"] * (1 + K)  # sorted by key, web first
-    assert table["candidate"].to_pylist()[:1 + K] == [None, 0, 1]
+    assert table["key"].to_pylist()[: 1 + K] == ["a"] * (1 + K)  # sorted by key, web first
+    assert table["candidate"].to_pylist()[: 1 + K] == [None, 0, 1]
     assert read_done(out, unit, {**s.fingerprint(), "itm_threshold": 0.1}) is None
     with open(tmp_path / "capfilt" / unit.file, "ab") as f:
         f.write(b"x")  # not the file the marker describes
@@ -173,15 +221,29 @@ def test_the_plan_of_the_first_run_binds_the_reruns(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- fixed-shape models
-CORPUS = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")]
+CORPUS = [
+    f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "top")
+]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     tok = BlipTokenizer.train(CORPUS, vocab_size=80)
-    cfg = BlipConfig.preset("tiny", vision={"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
-                            text={"width": 32, "depth": 1, "heads": 2, "intermediate_size": 64, "max_positions": 48,
-                                  "vocab_size": tok.vocab_size, **tok.special_ids()}, embed_dim=16, queue_size=8)
+    cfg = BlipConfig.preset(
+        "tiny",
+        vision={"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
+        text={
+            "width": 32,
+            "depth": 1,
+            "heads": 2,
+            "intermediate_size": 64,
+            "max_positions": 48,
+            "vocab_size": tok.vocab_size,
+            **tok.special_ids(),
+        },
+        embed_dim=16,
+        queue_size=8,
+    )
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     BlipModel(cfg, tok).save_pretrained(d / "cap")
@@ -198,8 +260,12 @@ def test_a_row_gets_the_same_captions_and_scores_whatever_its_neighbours(checkpo
     px = rng.integers(0, 256, size=(7, 32, 32, 3), dtype=np.uint8)
 
     def run(idx: list[int]) -> dict:
-        b = batch(len(idx), key=np.array([f"k{i}" for i in idx], dtype=object),
-                  seed=np.array(idx, dtype=np.int64), text=np.array([CORPUS[i] for i in idx], dtype=object))
+        b = batch(
+            len(idx),
+            key=np.array([f"k{i}" for i in idx], dtype=object),
+            seed=np.array(idx, dtype=np.int64),
+            text=np.array([CORPUS[i] for i in idx], dtype=object),
+        )
         b["px_blip_32"] = px[idx]
         rows = filt(cap(b)).to_pylist()
         return {(r["key"], r["candidate"]): (r["text"], r["itm_score"], r["itc_score"]) for r in rows}
@@ -207,11 +273,13 @@ def test_a_row_gets_the_same_captions_and_scores_whatever_its_neighbours(checkpo
     def same(got: dict, want: dict) -> bool:
         """The same texts; scores equal up to float32 rounding (a BLAS kernel may round a row differently by its
         position in the chunk: one ITM score moved 6e-8 when the ViT's position table changed)."""
+
         def close(a, b) -> bool:
             return a == b or (a is not None and b is not None and abs(a - b) <= 1e-6)
 
         return got.keys() == want.keys() and all(
-            got[k][0] == want[k][0] and all(map(close, got[k][1:], want[k][1:])) for k in want)
+            got[k][0] == want[k][0] and all(map(close, got[k][1:], want[k][1:])) for k in want
+        )
 
     alone = {}
     for i in range(7):

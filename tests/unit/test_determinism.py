@@ -1,4 +1,5 @@
 """Reruns give the same artefacts: the trained vocabulary, the checkpoint bytes and id, the sampled captions."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Two gloo ranks with half the batch each compute the ITC loss and queues of one process with the whole batch."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,13 @@ BATCH = 6  # whole batch; each rank takes BATCH // WORLD
 TEXTS = CORPUS[:BATCH]
 # step 1: every sample its own image (default ids); step 2: explicit ids with positives across the two ranks
 STEP2_IDS = torch.tensor([40, 41, 42, 40, 43, 41])
-GRADS = ("vision_proj.weight", "text_proj.weight", "temp", "text.encoder.0.self_attn.q.weight", "vision.patch_embed.proj.weight")
+GRADS = (
+    "vision_proj.weight",
+    "text_proj.weight",
+    "temp",
+    "text.encoder.0.self_attn.q.weight",
+    "vision.patch_embed.proj.weight",
+)
 
 
 def _free_port() -> int:

@@ -8,11 +8,13 @@ def test_recalls_count_the_best_ranked_ground_truth():
     # 3 images, 2 captions each (texts 0-5); image i's captions are 2i and 2i+1
     img2txt = [[0, 1], [2, 3], [4, 5]]
     txt2img = [0, 0, 1, 1, 2, 2]
-    i2t = torch.tensor([
-        [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # image 0: its caption 1 first -> rank 0
-        [0.9, 0.0, 0.1, 0.0, 0.0, 0.0],  # image 1: caption 0 (wrong) first, its caption 2 second -> rank 1
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # image 2: ties; argsort order decides; its captions are last
-    ])
+    i2t = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # image 0: its caption 1 first -> rank 0
+            [0.9, 0.0, 0.1, 0.0, 0.0, 0.0],  # image 1: caption 0 (wrong) first, its caption 2 second -> rank 1
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # image 2: ties; argsort order decides; its captions are last
+        ]
+    )
     t2i = torch.eye(3).repeat_interleave(2, dim=0)  # every caption ranks its own image first
     r = _recalls(i2t, t2i, img2txt, txt2img)
     assert r["img_r1"] == 100.0
@@ -43,8 +45,14 @@ def test_retrieval_and_caption_metrics_run_on_a_model():
     for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
         assert 0.0 <= r[key] <= 100.0
     assert r["img_r10"] == 100.0  # 6 images: every caption's image is within its top 10
-    metrics, rows = caption_metrics(model, data, batch_size=4, max_length=10, min_length=5,
-                                    attribute_accuracy=lambda image_id, text: {"correct": 1, "total": 2})
+    metrics, rows = caption_metrics(
+        model,
+        data,
+        batch_size=4,
+        max_length=10,
+        min_length=5,
+        attribute_accuracy=lambda image_id, text: {"correct": 1, "total": 2},
+    )
     assert metrics["images"] == 6 and len(rows) == 6
     assert metrics["caption_attribute_accuracy"] == 50.0
     assert all(isinstance(row["caption"], str) for row in rows)

@@ -1,5 +1,6 @@
 """Caption decoding: seeded sampling independent of batch composition, beam ordering, length limits counted as
 the official BLIP code counts them, repetition penalty, and greedy decoding against a cache-free reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,8 +55,12 @@ def test_sampled_captions_do_not_depend_on_the_batch(model):
     assert [len(x) for x in multi] == [3] * 5
     assert [x[0] for x in multi] == whole
     assert all(len(set(x)) > 1 for x in multi), multi
-    assert [model.generate(imgs[i : i + 1], seeds=[SEEDS[i]], num_return_sequences=3, **kw)[0] for i in range(5)] == multi
-    assert model.generate(imgs[perm], seeds=[SEEDS[i] for i in perm], num_return_sequences=3, **kw) == [multi[i] for i in perm]
+    assert [
+        model.generate(imgs[i : i + 1], seeds=[SEEDS[i]], num_return_sequences=3, **kw)[0] for i in range(5)
+    ] == multi
+    assert model.generate(imgs[perm], seeds=[SEEDS[i] for i in perm], num_return_sequences=3, **kw) == [
+        multi[i] for i in perm
+    ]
 
 
 def test_sampling_needs_one_seed_per_image(model):
@@ -100,12 +105,14 @@ def test_beam_search_returns_num_return_sequences_best_first(model):
     # the best of four is the single answer, and every image gets the same answer whatever its batch
     best = model.generate_ids(imgs, bos, num_beams=4, max_length=10, min_length=1)
     top = seqs.view(3, 4, -1)[:, 0]
-    assert torch.equal(best, top[:, : best.shape[1]]) and (top[:, best.shape[1]:] == 0).all()
+    assert torch.equal(best, top[:, : best.shape[1]]) and (top[:, best.shape[1] :] == 0).all()
     texts = model.generate(imgs, num_beams=4, num_return_sequences=4, max_length=10, min_length=1, prompt="")
     assert [len(t) for t in texts] == [4, 4, 4]
     assert [t[0] for t in texts] == model.generate(imgs, num_beams=4, max_length=10, min_length=1, prompt="")
-    assert [model.generate(imgs[i : i + 1], num_beams=4, num_return_sequences=4, max_length=10, min_length=1, prompt="")[0]
-            for i in range(3)] == texts
+    assert [
+        model.generate(imgs[i : i + 1], num_beams=4, num_return_sequences=4, max_length=10, min_length=1, prompt="")[0]
+        for i in range(3)
+    ] == texts
 
 
 def test_beam_search_rejects_more_sequences_than_beams(model):
@@ -209,9 +216,9 @@ def test_greedy_equals_beam_search_with_one_beam_and_the_reference(model):
         ref = _reference_greedy(model, imgs, bos, max_length=12, min_length=6)
         assert (ref == model.config.text.sep_token_id).any(), "the test wants some captions to stop early"
         got = model.generate_ids(imgs, bos, num_beams=1, max_length=12, min_length=6)
-        assert torch.equal(got[:, : ref.shape[1]], ref) and (got[:, ref.shape[1]:] == 0).all()
+        assert torch.equal(got[:, : ref.shape[1]], ref) and (got[:, ref.shape[1] :] == 0).all()
         texts = model.generate(imgs, num_beams=1, max_length=12, min_length=6, prompt=prompt)
-        assert texts == [t.strip() for t in model.tokenizer.decode_batch(ref[:, bos.shape[1]:].tolist())]
+        assert texts == [t.strip() for t in model.tokenizer.decode_batch(ref[:, bos.shape[1] :].tolist())]
 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 30.0])

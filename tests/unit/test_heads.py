@@ -1,6 +1,7 @@
 """The downstream heads built on a pre-trained BlipModel: VQA (question encoder + answer decoder), NLVR2 (twin
 cross-attention), zero-shot video retrieval (frame sampling, clip encoding), their checkpoints, and the
 context mask that VQA threads through the MED decoder and beam search."""
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,7 @@ def test_nlvr_from_blip_with_one_image_twice_is_the_pretrained_grounded_encoder(
     # the first half of the layers average, the second half merge with a linear layer, random at first (BLIP)
     assert [layer.cross_attn.merge is not None for layer in nlvr.layers] == [i >= depth // 2 for i in range(depth)]
     half = torch.eye(w) / 2
-    for layer in nlvr.layers[depth // 2:]:
+    for layer in nlvr.layers[depth // 2 :]:
         assert not torch.allclose(layer.cross_attn.merge.weight, torch.cat([half, half], 1))
     _average_merges(nlvr)
     imgs = images(3, seed=7)
@@ -153,7 +154,9 @@ def test_vqa_question_encoder_is_the_pretrained_grounded_encoder(make_pretrained
     assert torch.equal(smask, mask)
     torch.testing.assert_close(states[:, 0], ref[:, 0], **TOL)
     torch.testing.assert_close(states, ref, **TOL)
-    torch.testing.assert_close(vqa.question_encoder.embeddings.word.weight, model.text.embeddings.word.weight, atol=0, rtol=0)
+    torch.testing.assert_close(
+        vqa.question_encoder.embeddings.word.weight, model.text.embeddings.word.weight, atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("sharing", SHARINGS)
@@ -213,8 +216,9 @@ def test_vqa_answer_log_likelihood_ignores_question_padding_several_answers_per_
     k = 3
     with torch.no_grad():
         shared = vqa.answer_log_likelihood(states, smask, ids.repeat(3, 1), mask.repeat(3, 1)).view(3, k)
-        repeated = vqa.answer_log_likelihood(states.repeat_interleave(k, 0), smask.repeat_interleave(k, 0),
-                                             ids.repeat(3, 1), mask.repeat(3, 1)).view(3, k)
+        repeated = vqa.answer_log_likelihood(
+            states.repeat_interleave(k, 0), smask.repeat_interleave(k, 0), ids.repeat(3, 1), mask.repeat(3, 1)
+        ).view(3, k)
         single = torch.stack([vqa.answer_log_likelihood(s, m, ids, mask) for s, m in alone])
     torch.testing.assert_close(repeated, single, **TOL)  # one context row per answer: masked correctly
     torch.testing.assert_close(shared, single, **TOL)  # k answers per context row
@@ -231,7 +235,9 @@ def test_decode_step_context_mask_applies_to_beams_sharing_a_context(pretrained)
             prompt = torch.full((3 * beams, 1), bos)
             got, _ = med.decode_step(prompt, med.image_kv(states), None, smask)
             want = torch.cat([med.decode(torch.full((beams, 1), bos), None, s)[:, -1] for s, _ in alone])
-            torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{beams} sequences per context: {m}")
+            torch.testing.assert_close(
+                got, want, **TOL, msg=lambda m, beams=beams: f"{beams} sequences per context: {m}"
+            )
 
 
 def test_vqa_generated_answers_do_not_depend_on_the_batch(pretrained):
@@ -244,8 +250,26 @@ def test_vqa_generated_answers_do_not_depend_on_the_batch(pretrained):
         assert all(isinstance(a, str) for a in batched)
 
 
-WORDS = ["red", "green", "blue", "yellow", "square", "circle", "triangle", "left", "right", "top", "bottom", "dog",
-         "cats", "mat", "night", "street", "empty", "picture"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "square",
+    "circle",
+    "triangle",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "dog",
+    "cats",
+    "mat",
+    "night",
+    "street",
+    "empty",
+    "picture",
+]
 
 
 def test_vqa_ranked_answers_do_not_depend_on_the_batch(pretrained):
@@ -256,7 +280,9 @@ def test_vqa_ranked_answers_do_not_depend_on_the_batch(pretrained):
     for answer_list in (WORDS, ANSWERS):
         for k in (1, 4, len(answer_list)):
             batched = vqa.answer(imgs, QUESTIONS, answer_list=answer_list, k=k)
-            alone = [vqa.answer(imgs[i : i + 1], QUESTIONS[i : i + 1], answer_list=answer_list, k=k)[0] for i in range(3)]
+            alone = [
+                vqa.answer(imgs[i : i + 1], QUESTIONS[i : i + 1], answer_list=answer_list, k=k)[0] for i in range(3)
+            ]
             assert batched == alone, (k, answer_list)
             assert set(batched) <= set(answer_list)
 
@@ -267,8 +293,9 @@ def _all_log_likelihoods(vqa: BlipVQA, states, smask, answer_list) -> torch.Tens
     ids, mask = vqa._answer_ids(answer_list)
     n, b = len(answer_list), states.shape[0]
     with torch.no_grad():
-        ll = vqa.answer_log_likelihood(states.repeat_interleave(n, 0), smask.repeat_interleave(n, 0),
-                                       ids.repeat(b, 1), mask.repeat(b, 1))
+        ll = vqa.answer_log_likelihood(
+            states.repeat_interleave(n, 0), smask.repeat_interleave(n, 0), ids.repeat(b, 1), mask.repeat(b, 1)
+        )
     return ll.view(b, n)
 
 
@@ -378,7 +405,9 @@ def test_vqa_checkpoint_round_trip(pretrained, tmp_path):
     for model_answers in ((vqa, loaded),):
         a, b = model_answers
         assert a.answer(imgs, QUESTIONS) == b.answer(imgs, QUESTIONS)
-        assert a.answer(imgs, QUESTIONS, answer_list=ANSWERS, k=3) == b.answer(imgs, QUESTIONS, answer_list=ANSWERS, k=3)
+        assert a.answer(imgs, QUESTIONS, answer_list=ANSWERS, k=3) == b.answer(
+            imgs, QUESTIONS, answer_list=ANSWERS, k=3
+        )
         with torch.no_grad():
             assert torch.equal(a.encode_question(imgs, QUESTIONS)[0], b.encode_question(imgs, QUESTIONS)[0])
             assert torch.equal(a.loss(imgs, QUESTIONS, [["red"]] * 3), b.loss(imgs, QUESTIONS, [["red"]] * 3))
@@ -450,8 +479,18 @@ def test_uniform_frame_indices():
             uniform_frame_indices(n, f)
 
 
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
-           (0, 255, 255), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 128)]
+COLOURS = [
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+    (0, 255, 255),
+    (128, 0, 0),
+    (0, 128, 0),
+    (0, 0, 128),
+    (128, 128, 128),
+]
 
 
 def _colour(img: Image.Image) -> tuple[int, int, int]:

@@ -1,15 +1,19 @@
 """Numerical parity with transformers' BLIP: a Hugging Face checkpoint imported with ``BlipModel.from_pretrained``
 computes the same ITM probabilities, ITC similarities and LM logits (float32, max abs diff <= 1e-4) and decodes
 the same greedy and beam-search tokens. Random, seeded weights from small configs; nothing is downloaded."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import BertTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    BertTokenizer,  # noqa: E402
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+)
 from transformers import BlipConfig as HFBlipConfig  # noqa: E402
-from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval  # noqa: E402
 
 from blip_core import BlipModel, BlipTokenizer  # noqa: E402
 from blip_core.tokenizer import minilm_dir  # noqa: E402
@@ -25,11 +29,24 @@ def hf_config(vocab_size: int = VOCAB, bos: int = DEC, tie: bool = True) -> HFBl
     # ratio is 2, not 4.
     return HFBlipConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=40, bos_token_id=bos, sep_token_id=SEP, pad_token_id=PAD, tie_word_embeddings=tie,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            bos_token_id=bos,
+            sep_token_id=SEP,
+            pad_token_id=PAD,
+            tie_word_embeddings=tie,
         ),
         vision_config=dict(
-            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=IMAGE, patch_size=16,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=IMAGE,
+            patch_size=16,
         ),
         image_text_hidden_size=16,
         tie_word_embeddings=tie,
@@ -98,9 +115,22 @@ def test_config_follows_the_hf_config(retrieval, captioner):
         v, t = ours.config.vision, ours.config.text
         assert (v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_ratio) == (IMAGE, 16, 48, 2, 3, 2.0)
         assert v.layer_norm_eps == 1e-5  # transformers' BlipVisionConfig default, not the official 1e-6
-        assert (t.vocab_size, t.width, t.depth, t.heads, t.intermediate_size, t.max_positions) == (VOCAB, 32, 2, 2, 64, 40)
+        assert (t.vocab_size, t.width, t.depth, t.heads, t.intermediate_size, t.max_positions) == (
+            VOCAB,
+            32,
+            2,
+            2,
+            64,
+            40,
+        )
         assert t.layer_norm_eps == 1e-12
-        assert (t.pad_token_id, t.cls_token_id, t.sep_token_id, t.bos_token_id, t.enc_token_id) == (PAD, CLS, SEP, DEC, ENC)
+        assert (t.pad_token_id, t.cls_token_id, t.sep_token_id, t.bos_token_id, t.enc_token_id) == (
+            PAD,
+            CLS,
+            SEP,
+            DEC,
+            ENC,
+        )
         assert t.tie_word_embeddings and ours.config.sharing == "all_but_sa" and ours.config.embed_dim == 16
         assert not ours.training
 
@@ -152,8 +182,13 @@ def test_generation_matches(captioner, num_beams, num_return_sequences, repetiti
     # we are handed the effective prompt directly.
     hf_prompt = torch.tensor([[CLS, 110, 111, 112, SEP]])
     prompt = torch.tensor([[DEC, 110, 111, 112]])
-    kwargs = dict(num_beams=num_beams, max_length=14, min_length=7, repetition_penalty=repetition_penalty,
-                  num_return_sequences=num_return_sequences)
+    kwargs = dict(
+        num_beams=num_beams,
+        max_length=14,
+        min_length=7,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+    )
     theirs = hf.generate(pixel_values=pixels, input_ids=hf_prompt.repeat(6, 1), **kwargs)
     mine = ours.generate_ids(pixels, prompt, **kwargs)
     assert until_eos(mine, 4) == until_eos(theirs, 4)
@@ -226,7 +261,9 @@ def test_real_bert_tokenizer_end_to_end(tmp_path, bert_tokenizer_hf):
     enc_ids = enc.input_ids.clone()
     enc_ids[:, 0] = 30523
     with torch.no_grad():
-        theirs = hf_ret(input_ids=enc_ids, pixel_values=pixels, attention_mask=enc.attention_mask).itm_score.softmax(-1)[:, 1]
+        theirs = hf_ret(input_ids=enc_ids, pixel_values=pixels, attention_mask=enc.attention_mask).itm_score.softmax(
+            -1
+        )[:, 1]
     assert (ret.itm_score(pixels, sentences) - theirs).abs().max() <= ATOL
 
 
@@ -243,7 +280,9 @@ def test_position_interpolation_matches_hf(retrieval, tmp_path):
     with torch.no_grad():
         theirs = hf.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
         mine = big.encode_image(pixels)
-        itm_theirs = hf(input_ids=enc_ids, pixel_values=pixels, attention_mask=mask, interpolate_pos_encoding=True).itm_score
+        itm_theirs = hf(
+            input_ids=enc_ids, pixel_values=pixels, attention_mask=mask, interpolate_pos_encoding=True
+        ).itm_score
         itm_mine = big.itm_logits(mine, ids, mask)
     assert mine.shape == theirs.shape == (2, 1 + 36, 48)
     assert (theirs - mine).abs().max() <= ATOL

@@ -1,4 +1,5 @@
 """Offline checks of the deployment files in infra/: schemas, versions, and the GPU layout."""
+
 from __future__ import annotations
 
 import json
@@ -77,17 +78,19 @@ def test_the_in_process_prefect_server_sends_no_telemetry_unless_the_user_asks()
     # importing sets nothing. Prefect may already be imported by then (the flow's module imports it), so check what
     # its in-process server would be started with: this process's environment overlaid with the settings Prefect
     # read at import (``SubprocessASGIServer._run_uvicorn_command``).
-    probe = "\n".join([
-        "import os",
-        "given = os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED')",
-        "import flows.bootstrap, flows.cli",
-        "assert os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED') == given, 'importing the flows set it'",
-        "from flows.runtime import configure_environment",
-        "configure_environment()",
-        "from prefect.settings import get_current_settings",
-        "server_env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}",
-        "print(server_env['PREFECT_SERVER_ANALYTICS_ENABLED'])",
-    ])
+    probe = "\n".join(
+        [
+            "import os",
+            "given = os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED')",
+            "import flows.bootstrap, flows.cli",
+            "assert os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED') == given, 'importing the flows set it'",
+            "from flows.runtime import configure_environment",
+            "configure_environment()",
+            "from prefect.settings import get_current_settings",
+            "server_env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}",
+            "print(server_env['PREFECT_SERVER_ANALYTICS_ENABLED'])",
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     repo = INFRA.parent
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo, capture_output=True, text=True, check=True)

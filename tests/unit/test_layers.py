@@ -4,6 +4,7 @@ The graph is read from the source with ``ast``: every ``import`` of the project'
 inside a function (a lazy import still makes a cycle, only a later one), except those under ``if TYPE_CHECKING:``,
 which never run. ``from package import name`` counts as importing ``package.name`` when that is a module.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,11 +40,13 @@ def _own(name: str) -> str | None:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST):
     """(node, in a function?) for every import statement that runs, skipping ``if TYPE_CHECKING:`` blocks."""
+
     def walk(node: ast.AST, in_function: bool):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child.test):
@@ -162,21 +165,27 @@ def test_lower_layers_never_import_upper_ones(lower, upper):
 def test_blip_core_imports_its_own_modules_at_module_level_only():
     """A function-level import of a sibling is how a cycle hides; blip_core has none (its DAG is explicit)."""
     graph = import_edges()
-    lazy = sorted(f"{m} -> {t}" for m in _in("blip_core") for t, only_lazy in graph[m].items()
-                  if only_lazy and t in _in("blip_core"))
+    lazy = sorted(
+        f"{m} -> {t}"
+        for m in _in("blip_core")
+        for t, only_lazy in graph[m].items()
+        if only_lazy and t in _in("blip_core")
+    )
     assert not lazy, f"function-level imports of blip_core modules: {lazy}"
 
 
 def test_importing_the_packages_leaves_the_environment_alone():
     """Ray's and Prefect's settings are set where they start (``flows.runtime``, ``ensure_ray``), not on import."""
-    probe = "\n".join([
-        "import os",
-        "before = dict(os.environ)",
-        "import pipelines, pipelines.config, pipelines.ray_runtime, pipelines.storage",
-        "import flows, flows.runtime, flows.cli, flows.bootstrap, flows.deploy",
-        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))",
-        "assert not changed, changed",
-    ])
+    probe = "\n".join(
+        [
+            "import os",
+            "before = dict(os.environ)",
+            "import pipelines, pipelines.config, pipelines.ray_runtime, pipelines.storage",
+            "import flows, flows.runtime, flows.cli, flows.bootstrap, flows.deploy",
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))",
+            "assert not changed, changed",
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))}
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,5 +1,6 @@
 """BLIP's pre-training objectives: queues, momentum encoders, ITC targets, hard negatives, LM loss, temperature,
 the distillation ramp and where each objective's gradient goes."""
+
 from __future__ import annotations
 
 import pytest
@@ -180,11 +181,13 @@ def test_itc_targets_every_caption_of_the_image_including_the_queue():
     idx = torch.tensor([5, 5, 8])
     idx_all = torch.tensor([5, 5, 8, 5, -100, 8, 2])
     temp = torch.tensor(0.1)
-    targets = torch.tensor([
-        [1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0],
-        [1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0],
-        [0, 0, 1 / 2, 0, 0, 1 / 2, 0],
-    ])
+    targets = torch.tensor(
+        [
+            [1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0],
+            [1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0],
+            [0, 0, 1 / 2, 0, 0, 1 / 2, 0],
+        ]
+    )
     expect_i2t = -(F.log_softmax(img @ txt_all.t() / temp, 1) * targets).sum(1).mean()
     expect_t2i = -(F.log_softmax(txt @ img_all.t() / temp, 1) * targets).sum(1).mean()
     got = itc_loss(img, txt, img_all, txt_all, img_all[:3], txt_all[:3], idx, idx_all, temp, alpha=0.0)
@@ -196,8 +199,10 @@ def test_itc_targets_every_caption_of_the_image_including_the_queue():
 
     soft_i2t = F.softmax(img_all[:3] @ txt_all.t() / temp, 1)
     soft_t2i = F.softmax(txt_all[:3] @ img_all.t() / temp, 1)
-    expect_soft = (-(F.log_softmax(img @ txt_all.t() / temp, 1) * soft_i2t).sum(1).mean()
-                   - (F.log_softmax(txt @ img_all.t() / temp, 1) * soft_t2i).sum(1).mean()) / 2
+    expect_soft = (
+        -(F.log_softmax(img @ txt_all.t() / temp, 1) * soft_i2t).sum(1).mean()
+        - (F.log_softmax(txt @ img_all.t() / temp, 1) * soft_t2i).sum(1).mean()
+    ) / 2
     torch.testing.assert_close(at(1.0), expect_soft)
     torch.testing.assert_close(at(0.4), 0.6 * at(0.0) + 0.4 * at(1.0))
 
@@ -226,8 +231,10 @@ def test_itc_forward_uses_queue_ids_as_positives(make_model):
     assert pos.sum(1).tolist() == [4, 4, 2, 2]  # e.g. image 3: two batch captions + two queued ones
     targets = pos / pos.sum(1, keepdim=True)
     temp = model.temp.detach()
-    expect = (-(F.log_softmax(img_f @ txt_m_all.t() / temp, 1) * targets).sum(1).mean()
-              - (F.log_softmax(txt_f @ img_m_all.t() / temp, 1) * targets).sum(1).mean()) / 2
+    expect = (
+        -(F.log_softmax(img_f @ txt_m_all.t() / temp, 1) * targets).sum(1).mean()
+        - (F.log_softmax(txt_f @ img_m_all.t() / temp, 1) * targets).sum(1).mean()
+    ) / 2
     torch.testing.assert_close(got.detach(), expect, rtol=1e-5, atol=1e-5)
 
 
@@ -251,7 +258,9 @@ def test_hard_negatives_follow_similarity():
     sim = torch.tensor([[9.0, 2.0, 1.0, 0.0]])
     positive = torch.tensor([[True, False, False, False]])
     torch.manual_seed(0)
-    counts = torch.bincount(torch.stack([sample_hard_negatives(sim, positive)[0] for _ in range(400)]).squeeze(1), minlength=4)
+    counts = torch.bincount(
+        torch.stack([sample_hard_negatives(sim, positive)[0] for _ in range(400)]).squeeze(1), minlength=4
+    )
     assert counts[0] == 0 and counts[1] > counts[2] > counts[3] > 0  # expected about 266, 98, 36
 
 
@@ -286,7 +295,7 @@ def test_itm_pairs_negatives_only_across_image_ids(make_model, image_ids):
         torch.manual_seed(trial)
         out = losses(imgs, ids, mask, image_ids=image_ids, objectives=("itm",))
         assert set(out) == {"itm"} and torch.isfinite(out["itm"])
-        (pair_imgs, pair_ids), = calls
+        ((pair_imgs, pair_ids),) = calls
         img_of = [int((embeds - e).abs().amax(dim=(1, 2)).argmin()) for e in pair_imgs]
         txt_of = [int((ids == t).all(1).float().argmax()) for t in pair_ids]
         assert img_of[:6] == list(range(6)) and txt_of[:6] == list(range(6))  # the positives first
@@ -357,7 +366,9 @@ def test_lm_objective_uses_label_smoothing_and_prompt_length(make_model):
     model = losses.model
     assert model.config.label_smoothing == 0.1
     with torch.no_grad():  # far from uniform, so that smoothing makes a visible difference
-        model.text.lm_head.decoder.bias.copy_(3 * torch.randn(model.text.lm_head.decoder.bias.shape, generator=torch.Generator().manual_seed(0)))
+        model.text.lm_head.decoder.bias.copy_(
+            3 * torch.randn(model.text.lm_head.decoder.bias.shape, generator=torch.Generator().manual_seed(0))
+        )
     imgs, ids, mask = _batch(model, 3)
     dec = ids.clone()
     dec[:, 0] = model.config.text.bos_token_id
@@ -365,7 +376,9 @@ def test_lm_objective_uses_label_smoothing_and_prompt_length(make_model):
         logits = model.lm_logits(model.encode_image(imgs), dec, mask)
     for prompt_length in (0, 3):
         got = losses(imgs, ids, mask, objectives=("lm",), prompt_length=prompt_length)["lm"]
-        torch.testing.assert_close(got.detach(), lm_loss(logits, dec, model.config.text.pad_token_id, prompt_length, 0.1))
+        torch.testing.assert_close(
+            got.detach(), lm_loss(logits, dec, model.config.text.pad_token_id, prompt_length, 0.1)
+        )
         assert abs(got.item() - lm_loss(logits, dec, model.config.text.pad_token_id, prompt_length, 0.0).item()) > 0.05
 
 
@@ -394,9 +407,11 @@ def test_alpha_ramps_over_the_first_epoch():
 
 # --- objectives and gradients ------------------------------------------------------------------------------------
 def _grad_reaches(model, prefix_or_param) -> bool:
-    params = [prefix_or_param] if isinstance(prefix_or_param, torch.Tensor) else [
-        p for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefix_or_param)
-    ]
+    params = (
+        [prefix_or_param]
+        if isinstance(prefix_or_param, torch.Tensor)
+        else [p for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefix_or_param)]
+    )
     assert params, prefix_or_param
     return any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 

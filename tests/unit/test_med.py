@@ -1,5 +1,6 @@
 """The MED text transformer: causality, parameter sharing (Table 3 of the paper), encoder modes, padding,
 and the checkpoint round trip of every sharing strategy."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,10 @@ def test_sharing_is_by_parameter_identity(make_model, sharing):
             same = _same_tensors(getattr(enc, name), getattr(dec, name))
             assert all(same) if expect[name] else not any(same), (sharing, name)
     # a shared tensor is one tensor: the model's unique parameter count matches the strategy
-    per_layer = {name: sum(p.numel() for p in getattr(med.encoder[0], name).parameters()) for name in ("self_attn", "cross_attn", "ffn")}
+    per_layer = {
+        name: sum(p.numel() for p in getattr(med.encoder[0], name).parameters())
+        for name in ("self_attn", "cross_attn", "ffn")
+    }
     emb_size = sum(p.numel() for p in med.embeddings.parameters())
     own = sum(per_layer[n] for n in per_layer if not expect[n]) * len(med.decoder)
     own += 0 if expect["embeddings"] else emb_size
@@ -117,7 +121,9 @@ def test_unimodal_encoder_ignores_images_grounded_encoder_depends_on_them(make_m
             for p in layer.cross_attn.parameters():
                 p.copy_(torch.randn_like(p))
         torch.testing.assert_close(model.encode_text_ids(ids, mask), text0, rtol=0, atol=0)
-        torch.testing.assert_close(model.text_features(model.encode_text(["a red square on the left", "a blue circle"])), feat0)
+        torch.testing.assert_close(
+            model.text_features(model.encode_text(["a red square on the left", "a blue circle"])), feat0
+        )
 
         # the grounded encoder reads [ENC] and attends to the image: other images, other outputs
         a, b = model.encode_image(images(2, seed=1)), model.encode_image(images(2, seed=2))
@@ -155,13 +161,22 @@ def test_padding_does_not_change_unpadded_outputs(make_model, sharing):
         ids2_garbage = ids2.clone()
         ids2_garbage[0, n:] = 7
         for batch_ids in (ids2, ids2_garbage):
-            torch.testing.assert_close(model.encode_text_ids(batch_ids, mask2)[:1, :n], model.encode_text_ids(ids1, mask1), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(model.itm_logits(img2, batch_ids, mask2)[:1], model.itm_logits(img, ids1, mask1), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                model.encode_text_ids(batch_ids, mask2)[:1, :n],
+                model.encode_text_ids(ids1, mask1),
+                atol=1e-5,
+                rtol=1e-4,
+            )
+            torch.testing.assert_close(
+                model.itm_logits(img2, batch_ids, mask2)[:1], model.itm_logits(img, ids1, mask1), atol=1e-5, rtol=1e-4
+            )
             dec = batch_ids.clone()
             dec[:, 0] = model.config.text.bos_token_id
             dec1 = ids1.clone()
             dec1[:, 0] = model.config.text.bos_token_id
-            torch.testing.assert_close(model.lm_logits(img2, dec, mask2)[:1, :n], model.lm_logits(img, dec1, mask1), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                model.lm_logits(img2, dec, mask2)[:1, :n], model.lm_logits(img, dec1, mask1), atol=1e-5, rtol=1e-4
+            )
 
 
 def _outputs(model: BlipModel) -> dict[str, torch.Tensor]:
@@ -172,7 +187,9 @@ def _outputs(model: BlipModel) -> dict[str, torch.Tensor]:
         emb = model.encode_image(imgs)
         dec = ids.clone()
         dec[:, 0] = model.config.text.bos_token_id
-        gen = model.generate_ids(imgs, torch.tensor([[model.config.text.bos_token_id]]), num_beams=2, max_length=8, min_length=3)
+        gen = model.generate_ids(
+            imgs, torch.tensor([[model.config.text.bos_token_id]]), num_beams=2, max_length=8, min_length=3
+        )
         return {
             "itm": model.itm_score(imgs, texts),
             "itc": model.itc_similarity(imgs, texts),
@@ -240,7 +257,14 @@ def test_itm_with_several_texts_per_image_equals_repeating_the_image(make_model)
     """itm_logits folds k consecutive texts onto one image row instead of copying the image k times."""
     model = make_model()
     _perturb(model)
-    texts = ["a red square", "a blue circle on the left", "two cats", "a green triangle", "an empty street at night", "a dog"]
+    texts = [
+        "a red square",
+        "a blue circle on the left",
+        "two cats",
+        "a green triangle",
+        "an empty street at night",
+        "a dog",
+    ]
     ids, mask = model.tokenize(texts)
     with torch.no_grad():
         emb = model.encode_image(images(2))
@@ -306,7 +330,9 @@ def test_grounded_encoder_takes_the_unprojected_path_for_short_texts_on_many_ima
         fast = model.itm_logits(image_embeds, ids, mask)
         monkeypatch.setattr(Attention, "unprojected_is_cheaper", lambda self, *a: False)
         calls = []
-        monkeypatch.setattr(Attention, "context_kv", lambda self, c: calls.append(1) or (self.split(self.k(c)), self.split(self.v(c))))
+        monkeypatch.setattr(
+            Attention, "context_kv", lambda self, c: calls.append(1) or (self.split(self.k(c)), self.split(self.v(c)))
+        )
         slow = model.itm_logits(image_embeds, ids, mask)
     assert calls, "the projected path ran"
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

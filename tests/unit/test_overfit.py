@@ -1,5 +1,6 @@
 """A tiny BLIP learns 16 synthetic image/caption pairs by heart with the three pre-training objectives:
 every loss falls, greedy and beam search reproduce every caption, and ITM ranks each image's caption first."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,7 +22,11 @@ def draw(colour: str, shape: str, side: str, size: int = 32) -> torch.Tensor:
     img = torch.full((3, size, size), 0.5)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     cx, cy, r = (size // 4 if side == "left" else 3 * size // 4), size // 2, size // 5
-    inside = ((xx - cx).abs() <= r) & ((yy - cy).abs() <= r) if shape == "square" else (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    inside = (
+        ((xx - cx).abs() <= r) & ((yy - cy).abs() <= r)
+        if shape == "square"
+        else (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    )
     for c, value in enumerate(COLOURS[colour]):
         img[c][inside] = value
     return (img - 0.5) / 0.25
@@ -52,8 +57,15 @@ def test_tiny_model_overfits_sixteen_pairs(one_thread):
         vision={"image_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 4},
         # BERT's N(0, 0.02) suits width 768; at width 64 it leaves attention near uniform for hundreds of steps
         # (ITM, which must compare text with image, learns last). A wider start lets the test stay short.
-        text={"width": 64, "depth": 3, "heads": 4, "intermediate_size": 128, "max_positions": 32,
-              "initializer_range": 0.05, **tokenizer.special_ids()},
+        text={
+            "width": 64,
+            "depth": 3,
+            "heads": 4,
+            "intermediate_size": 128,
+            "max_positions": 32,
+            "initializer_range": 0.05,
+            **tokenizer.special_ids(),
+        },
         embed_dim=32,
         queue_size=32,  # two batches: the queued captions of an image are positives through image_ids
         momentum=0.9,  # the paper's 0.995 is for 100k+ steps; 600 steps need a momentum model that keeps up

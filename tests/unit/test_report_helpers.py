@@ -1,4 +1,5 @@
 """The report's pure helpers: counts, bins, the sample choice, images as data URIs, charts, missing inputs."""
+
 from __future__ import annotations
 
 import base64
@@ -9,8 +10,16 @@ import pyarrow as pa
 from PIL import Image
 
 from pipelines.config import load_config
-from pipelines.report import (Totals, bar_chart, choose_samples, data_uri, histogram, line_chart, read_metrics,
-                              render_report)
+from pipelines.report import (
+    Totals,
+    bar_chart,
+    choose_samples,
+    data_uri,
+    histogram,
+    line_chart,
+    read_metrics,
+    render_report,
+)
 
 
 def _table(n: int = 40) -> pa.Table:
@@ -18,12 +27,29 @@ def _table(n: int = 40) -> pa.Table:
     for i in range(n):
         key = f"{i:07d}"
         bad = i == 3
-        rows.append({"key": key, "shard": f"{i // 20:05d}", "source": "web", "keep": i % 3 == 0 and not bad,
-                     "status": "corrupt_image" if bad else "ok", "itm_score": None if bad else i / n,
-                     "itc_score": None if bad else -0.95})
+        rows.append(
+            {
+                "key": key,
+                "shard": f"{i // 20:05d}",
+                "source": "web",
+                "keep": i % 3 == 0 and not bad,
+                "status": "corrupt_image" if bad else "ok",
+                "itm_score": None if bad else i / n,
+                "itc_score": None if bad else -0.95,
+            }
+        )
         if not bad:
-            rows.append({"key": key, "shard": f"{i // 20:05d}", "source": "synthetic", "keep": i % 2 == 0,
-                         "status": "ok", "itm_score": 1 - i / n, "itc_score": 0.95})
+            rows.append(
+                {
+                    "key": key,
+                    "shard": f"{i // 20:05d}",
+                    "source": "synthetic",
+                    "keep": i % 2 == 0,
+                    "status": "ok",
+                    "itm_score": 1 - i / n,
+                    "itc_score": 0.95,
+                }
+            )
     return pa.Table.from_pylist(rows)
 
 
@@ -41,7 +67,18 @@ def test_totals_count_bad_input_apart_batch_by_batch() -> None:
 
 
 def test_histogram_bins_and_clipping() -> None:
-    assert histogram([0.0, 0.05, 0.1, 0.99, 1.0, 1.5, -2, None, float("nan")], 0, 1, 10) == [3, 1, 0, 0, 0, 0, 0, 0, 0, 3]
+    assert histogram([0.0, 0.05, 0.1, 0.99, 1.0, 1.5, -2, None, float("nan")], 0, 1, 10) == [
+        3,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        3,
+    ]
     assert histogram([], -1, 1, 20) == [0] * 20
 
 

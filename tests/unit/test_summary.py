@@ -1,4 +1,5 @@
 """The run summary's ROC-AUC: the probability that a random positive outscores a random negative (ties half)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The synthetic world: reproducible, honest about its noise, and its captions parse back into its facts."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ def _world(tmp_path: Path, name: str = "w", seed: int = 0, **kw) -> tuple[str, d
 
 def _files(world: str) -> dict[str, bytes]:
     root = Path(world)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "manifest.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def _truth(world: str) -> list[dict]:
@@ -92,12 +96,15 @@ def test_images_do_not_depend_on_how_many_are_generated(tmp_path):
 # ---------------------------------------------------------------------------------------------- noise
 
 
-@pytest.mark.parametrize("rate,mix", [
-    (0.4, {t: 1.0 for t in NOISE_TYPES}),
-    (0.3, {"unrelated": 2.0, "wrong_attribute": 1.0, "other_caption": 1.0, "partial": 0.0}),
-    (0.0, {t: 1.0 for t in NOISE_TYPES}),
-    (1.0, {"partial": 1.0}),
-])
+@pytest.mark.parametrize(
+    "rate,mix",
+    [
+        (0.4, {t: 1.0 for t in NOISE_TYPES}),
+        (0.3, {"unrelated": 2.0, "wrong_attribute": 1.0, "other_caption": 1.0, "partial": 0.0}),
+        (0.0, {t: 1.0 for t in NOISE_TYPES}),
+        (1.0, {"partial": 1.0}),
+    ],
+)
 def test_noise_rate_and_mix_are_honoured(tmp_path, rate, mix):
     world, manifest = _world(tmp_path, n_web=400, noise_rate=rate, noise_mix=mix)
     truth = _truth(world)
@@ -161,9 +168,17 @@ def test_every_phrasing_parses_back_to_its_facts():
 
 def test_captions_vary_in_phrasing():
     rng = np.random.default_rng(0)
-    facts = {"layout": "pair", "background": "gray", "count": 2, "position": None, "relation": "left_of",
-             "objects": [{"shape": "circle", "colour": "red", "size": "small"},
-                         {"shape": "square", "colour": "blue", "size": "large"}]}
+    facts = {
+        "layout": "pair",
+        "background": "gray",
+        "count": 2,
+        "position": None,
+        "relation": "left_of",
+        "objects": [
+            {"shape": "circle", "colour": "red", "size": "small"},
+            {"shape": "square", "colour": "blue", "size": "large"},
+        ],
+    }
     texts = distinct_captions(facts, rng, 8)
     assert len(texts) == 8
     assert any("left of" in t for t in texts) and any("right of" in t for t in texts)  # either object first
@@ -171,33 +186,71 @@ def test_captions_vary_in_phrasing():
     assert len({t.split()[0] for t in texts}) > 1 and len({t.split()[-1] for t in texts}) > 1
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("a blue square to the right of a red circle",
-     {"objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
-      "relation": "left_of", "count": 2, "layout": "pair"}),
-    ("three big green stars against a grey background",
-     {"objects": [{"shape": "star", "colour": "green", "size": "large"}], "count": 3, "layout": "group",
-      "background": "gray"}),
-    ("in the middle there is an orange cross",
-     {"objects": [{"shape": "cross", "colour": "orange"}], "count": 1, "layout": "single",
-      "position": "center"}),
-    ("a little yellow triangle under a large purple star on a dotted background",
-     {"objects": [{"shape": "star", "colour": "purple", "size": "large"},
-                  {"shape": "triangle", "colour": "yellow", "size": "small"}],
-      "relation": "above", "count": 2, "layout": "pair", "background": "dotted"}),
-    ("IMG_2041.JPG", {}),
-    ("buy now and save 20 percent", {}),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (
+            "a blue square to the right of a red circle",
+            {
+                "objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}],
+                "relation": "left_of",
+                "count": 2,
+                "layout": "pair",
+            },
+        ),
+        (
+            "three big green stars against a grey background",
+            {
+                "objects": [{"shape": "star", "colour": "green", "size": "large"}],
+                "count": 3,
+                "layout": "group",
+                "background": "gray",
+            },
+        ),
+        (
+            "in the middle there is an orange cross",
+            {"objects": [{"shape": "cross", "colour": "orange"}], "count": 1, "layout": "single", "position": "center"},
+        ),
+        (
+            "a little yellow triangle under a large purple star on a dotted background",
+            {
+                "objects": [
+                    {"shape": "star", "colour": "purple", "size": "large"},
+                    {"shape": "triangle", "colour": "yellow", "size": "small"},
+                ],
+                "relation": "above",
+                "count": 2,
+                "layout": "pair",
+                "background": "dotted",
+            },
+        ),
+        ("IMG_2041.JPG", {}),
+        ("buy now and save 20 percent", {}),
+    ],
+)
 def test_parse_caption_examples(text, expected):
     assert parse_caption(text) == expected
 
 
 def test_attribute_accuracy_names_the_wrong_attribute():
-    facts = {"layout": "single", "background": "white", "count": 1, "position": "left", "relation": None,
-             "objects": [{"shape": "circle", "colour": "red", "size": "small"}]}
+    facts = {
+        "layout": "single",
+        "background": "white",
+        "count": 1,
+        "position": "left",
+        "relation": None,
+        "objects": [{"shape": "circle", "colour": "red", "size": "small"}],
+    }
     right = caption_attribute_accuracy(facts, "a small red circle on the left on a white background")
-    assert right == {"correct": 6, "mentioned": 6, "total": 6, "precision": 1.0, "recall": 1.0, "exact": True,
-                     "errors": []}
+    assert right == {
+        "correct": 6,
+        "mentioned": 6,
+        "total": 6,
+        "precision": 1.0,
+        "recall": 1.0,
+        "exact": True,
+        "errors": [],
+    }
     wrong = caption_attribute_accuracy(facts, "a small blue circle on the left on a white background")
     assert wrong["errors"] == ["objects[0].colour"] and wrong["correct"] == 5
     partial = caption_attribute_accuracy(facts, "a red circle")
@@ -209,11 +262,20 @@ def test_attribute_accuracy_names_the_wrong_attribute():
 
 
 def test_relation_flip_is_one_error():
-    facts = {"layout": "pair", "background": "black", "count": 2, "position": None, "relation": "above",
-             "objects": [{"shape": "star", "colour": "yellow", "size": "large"},
-                         {"shape": "cross", "colour": "green", "size": "small"}]}
+    facts = {
+        "layout": "pair",
+        "background": "black",
+        "count": 2,
+        "position": None,
+        "relation": "above",
+        "objects": [
+            {"shape": "star", "colour": "yellow", "size": "large"},
+            {"shape": "cross", "colour": "green", "size": "small"},
+        ],
+    }
     assert caption_attribute_accuracy(facts, "a big yellow star above a small green cross on a black background")[
-        "exact"]
+        "exact"
+    ]
     flipped = caption_attribute_accuracy(facts, "a big yellow star below a small green cross on a black background")
     assert flipped["errors"] == ["relation"]
 
@@ -227,8 +289,14 @@ def test_vocabulary_of_unrelated_text_and_backgrounds_is_disjoint_from_objects()
 
 
 def test_images_show_their_facts():
-    facts = {"layout": "single", "background": "white", "count": 1, "position": "left", "relation": None,
-             "objects": [{"shape": "square", "colour": "red", "size": "large"}]}
+    facts = {
+        "layout": "single",
+        "background": "white",
+        "count": 1,
+        "position": "left",
+        "relation": None,
+        "objects": [{"shape": "square", "colour": "red", "size": "large"}],
+    }
     img = np.asarray(render_image(facts, 64, np.random.default_rng(0)), dtype=int)
     assert img.shape == (64, 64, 3)
     assert np.abs(img[32, 16] - COLOURS["red"]).max() < 30  # the object on the left
@@ -266,7 +334,7 @@ def test_karpathy_json_reads_back(tmp_path):
     # test: coco_karpathy_test layout, one entry per image with a list of captions
     assert len(test) == SMALL["n_test"]
     assert all(isinstance(e["caption"], list) and len(set(e["caption"])) == 3 for e in test)
-    for e in train + [dict(e, caption=c) for e in test for c in e["caption"]]:
+    for e in train + [dict(t, caption=c) for t in test for c in t["caption"]]:
         assert (Path(files["images"]) / e["image"]).is_file()
         assert e["image"].split("/")[0] in ("human", "test")
         assert caption_attribute_accuracy(facts[e["image_id"]], e["caption"])["exact"], e
@@ -306,16 +374,19 @@ def test_sizes_have_defaults_and_counts_override():
     assert resolve_counts(WorldConfig(size="demo", n_web=7))["web"] == 7
 
 
-@pytest.mark.parametrize("override,field", [
-    ("world.image_size=200", "world.image_size"),
-    ("world.image_size=32", "world.image_size"),
-    ("world.noise_rate=1.5", "world.noise_rate"),
-    ("world.noise_mix={typo: 1}", "world.noise_mix"),
-    ("world.noise_mix={partial: -1}", "world.noise_mix"),
-    ("world.size=huge", "world.size"),
-    ("world.n_web=0", "world.n_web"),
-    ("world.colour=red", "world.colour"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("world.image_size=200", "world.image_size"),
+        ("world.image_size=32", "world.image_size"),
+        ("world.noise_rate=1.5", "world.noise_rate"),
+        ("world.noise_mix={typo: 1}", "world.noise_mix"),
+        ("world.noise_mix={partial: -1}", "world.noise_mix"),
+        ("world.size=huge", "world.size"),
+        ("world.n_web=0", "world.n_web"),
+        ("world.colour=red", "world.colour"),
+    ],
+)
 def test_bad_world_fields_are_config_errors(tmp_path, override, field):
     path = tmp_path / "c.yaml"
     path.write_text("world: {size: tiny}\n")

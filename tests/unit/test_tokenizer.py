@@ -14,8 +14,12 @@ def test_bert_base_uncased_ids(bert):
     assert bert.token_id("[DEC]") == 30522
     assert bert.token_id("[ENC]") == 30523
     assert bert.special_ids() == {
-        "vocab_size": 30524, "pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102,
-        "bos_token_id": 30522, "enc_token_id": 30523,
+        "vocab_size": 30524,
+        "pad_token_id": 0,
+        "cls_token_id": 101,
+        "sep_token_id": 102,
+        "bos_token_id": 30522,
+        "enc_token_id": 30523,
     }
 
 
@@ -41,7 +45,12 @@ def test_rejects_a_single_string_and_non_strings(bert):
 
 
 def test_trained_vocabulary_round_trip(tmp_path):
-    captions = [f"a {c} {s} on the {p}" for c in ("red", "green", "blue") for s in ("circle", "square") for p in ("left", "right")]
+    captions = [
+        f"a {c} {s} on the {p}"
+        for c in ("red", "green", "blue")
+        for s in ("circle", "square")
+        for p in ("left", "right")
+    ]
     tok = BlipTokenizer.train(captions * 5, vocab_size=200)
     ids = tok.special_ids()
     assert ids["bos_token_id"] == tok.vocab_size - 2 and ids["enc_token_id"] == tok.vocab_size - 1

@@ -1,4 +1,5 @@
 """The training jobs' pure parts: config, schedule, batches, frozen parameters, metrics, retrieval, job inputs."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,13 @@ def test_train_defaults_are_the_papers():
     assert (pre.lr, pre.warmup_lr, pre.warmup_steps, pre.weight_decay, pre.image_size) == (2e-4, 1e-6, 3000, 0.05, 224)
     assert (pre.batch_size, pre.epochs, pre.init) == (2880, 20, "scratch")
     for job in (cap, fil):
-        assert (job.lr, job.weight_decay, job.image_size, job.batch_size, job.init) == (1e-5, 0.05, 384, 256, "pretrain")
+        assert (job.lr, job.weight_decay, job.image_size, job.batch_size, job.init) == (
+            1e-5,
+            0.05,
+            384,
+            256,
+            "pretrain",
+        )
     assert (cap.epochs, fil.epochs) == (5, 6)
 
 
@@ -114,9 +121,14 @@ def _tiny_model() -> BlipModel:
 
 def test_collate_prefixes_the_prompt_and_hashes_image_ids_stably():
     model = _tiny_model()
-    samples = [Sample(image=torch.zeros(3, 64, 64), text=t, key=k, image_id=i, source="human")
-               for t, k, i in [("A red circle.", "a", "human:1"), ("two  blue squares", "b", "human:1"),
-                               ("a star", "c", "web:7")]]
+    samples = [
+        Sample(image=torch.zeros(3, 64, 64), text=t, key=k, image_id=i, source="human")
+        for t, k, i in [
+            ("A red circle.", "a", "human:1"),
+            ("two  blue squares", "b", "human:1"),
+            ("a star", "c", "web:7"),
+        ]
+    ]
     batch = Collate(model.tokenizer, 20, prompt="a picture of ")(samples)
     assert batch["images"].shape == (3, 3, 64, 64)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 3
@@ -129,8 +141,10 @@ def test_collate_prefixes_the_prompt_and_hashes_image_ids_stably():
 
 def test_the_shared_job_trains_lm_on_the_prompted_caption_and_itc_itm_on_the_caption_alone():
     model = _tiny_model()
-    samples = [Sample(image=torch.rand(3, 64, 64), text=t, key=str(i), image_id=f"human:{i}", source="human")
-               for i, t in enumerate(["a red circle", "two blue squares", "a star", "a red circle on the left"])]
+    samples = [
+        Sample(image=torch.rand(3, 64, 64), text=t, key=str(i), image_id=f"human:{i}", source="human")
+        for i, t in enumerate(["a red circle", "two blue squares", "a star", "a red circle on the left"])
+    ]
     batch = Collate(model.tokenizer, 20, prompt="a picture of ", separate_lm=True)(samples)
     decode = model.tokenizer.decode
     assert decode(batch["input_ids"][0].tolist()) == "a red circle"
@@ -141,12 +155,25 @@ def test_the_shared_job_trains_lm_on_the_prompted_caption_and_itc_itm_on_the_cap
     a, b = BlipLosses(model), BlipLosses(_tiny_model())
     kw = dict(image_ids=batch["image_ids"], alpha=0.4)
     torch.manual_seed(1)
-    out = SeparateLMLosses(a)(batch["images"], batch["input_ids"], batch["attention_mask"],
-                              lm_input_ids=batch["lm_input_ids"], lm_attention_mask=batch["lm_attention_mask"],
-                              objectives=("itc", "itm", "lm"), prompt_length=prompt_length, **kw)
+    out = SeparateLMLosses(a)(
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        lm_input_ids=batch["lm_input_ids"],
+        lm_attention_mask=batch["lm_attention_mask"],
+        objectives=("itc", "itm", "lm"),
+        prompt_length=prompt_length,
+        **kw,
+    )
     torch.manual_seed(1)
-    ref = b(batch["images"], batch["lm_input_ids"], batch["lm_attention_mask"], objectives=("lm",),
-            prompt_length=prompt_length, **kw)
+    ref = b(
+        batch["images"],
+        batch["lm_input_ids"],
+        batch["lm_attention_mask"],
+        objectives=("lm",),
+        prompt_length=prompt_length,
+        **kw,
+    )
     ref.update(b(batch["images"], batch["input_ids"], batch["attention_mask"], objectives=("itc", "itm"), **kw))
     assert set(out) == {"itc", "itm", "lm"}
     for k in out:
@@ -204,8 +231,10 @@ def test_metrics_log_keeps_rows_up_to_the_resumed_step(tmp_path):
 def _fake_world(root: Path) -> None:
     world = root / "world"
     (world / "images").mkdir(parents=True)
-    ann = [{"image": "human/000000.jpg", "caption": "a red circle", "image_id": "h0"},
-           {"image": "human/000000.jpg", "caption": "a big red circle", "image_id": "h0"}]
+    ann = [
+        {"image": "human/000000.jpg", "caption": "a red circle", "image_id": "h0"},
+        {"image": "human/000000.jpg", "caption": "a big red circle", "image_id": "h0"},
+    ]
     (world / "human_train.json").write_text(json.dumps(ann))
     (world / "human_test.json").write_text(json.dumps([{"image": "t.jpg", "caption": ["x"], "image_id": "t"}]))
 
@@ -223,9 +252,14 @@ def test_a_relative_root_reaches_the_workers_as_absolute_paths(tmp_path, monkeyp
     assert spec.root == spec.job_dir.rsplit("/round=", 1)[0] == str(root)
     assert spec.tokenizer == str(root / "tokenizer")
     assert spec.test["ann"] == str(root / "world" / "human_test.json")
-    assert spec.sources == [{"kind": "shards", "url": str(root / "ingest" / "web")},
-                            {"kind": "karpathy", "ann": str(root / "world" / "human_train.json"),
-                             "image_root": str(root / "world" / "images")}]
+    assert spec.sources == [
+        {"kind": "shards", "url": str(root / "ingest" / "web")},
+        {
+            "kind": "karpathy",
+            "ann": str(root / "world" / "human_train.json"),
+            "image_root": str(root / "world" / "images"),
+        },
+    ]
 
 
 def test_jobs_refuse_to_start_without_their_inputs(tmp_path):
@@ -275,10 +309,14 @@ def test_a_trained_tokenizer_is_learned_once_per_run_root(tmp_path):
 def test_human_set_defaults_to_the_world_and_needs_paths_without_one(tmp_path):
     cfg = load_config(TINY)
     h = human_set(cfg, "/r")
-    assert h == {"train": "/r/world/human_train.json", "test": "/r/world/human_test.json",
-                 "image_root": "/r/world/images"}
-    no_world = validate_config({"world": None, "ingest": {"url_list": "u.parquet"},
-                                "human": {"train": "a.json", "test": "b.json"}})
+    assert h == {
+        "train": "/r/world/human_train.json",
+        "test": "/r/world/human_test.json",
+        "image_root": "/r/world/images",
+    }
+    no_world = validate_config(
+        {"world": None, "ingest": {"url_list": "u.parquet"}, "human": {"train": "a.json", "test": "b.json"}}
+    )
     with pytest.raises(ValueError, match="human.image_root"):
         human_set(no_world, "/r")
     assert math.isfinite(lr_at(0, lr=1.0, total_steps=0))

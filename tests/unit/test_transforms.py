@@ -1,4 +1,5 @@
 """blip_core.transforms: BLIP's preprocessing, the left/right policy, and decoding that fails clearly."""
+
 from __future__ import annotations
 
 import io
@@ -8,8 +9,18 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from blip_core.transforms import (BLIP_AUG_OPS, GEOMETRIC_OPS, MEAN, STD, CorruptImageError, RandomAugment,
-                                  decode_image, denormalize, eval_transform, train_transform)
+from blip_core.transforms import (
+    BLIP_AUG_OPS,
+    GEOMETRIC_OPS,
+    MEAN,
+    STD,
+    CorruptImageError,
+    RandomAugment,
+    decode_image,
+    denormalize,
+    eval_transform,
+    train_transform,
+)
 
 
 def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -115,17 +126,24 @@ def test_train_transform_is_reproducible_under_a_seed():
 
 
 def test_decode_image_converts_to_rgb():
-    for img, fmt in [(Image.new("L", (5, 4), 100), "PNG"), (Image.new("RGBA", (5, 4), (1, 2, 3, 4)), "PNG"),
-                     (Image.new("RGB", (5, 4), (9, 9, 9)), "JPEG"), (Image.new("P", (5, 4), 3), "GIF")]:
+    for img, fmt in [
+        (Image.new("L", (5, 4), 100), "PNG"),
+        (Image.new("RGBA", (5, 4), (1, 2, 3, 4)), "PNG"),
+        (Image.new("RGB", (5, 4), (9, 9, 9)), "JPEG"),
+        (Image.new("P", (5, 4), 3), "GIF"),
+    ]:
         out = decode_image(encode(img, fmt))
         assert out.mode == "RGB" and out.size == (5, 4)
 
 
-@pytest.mark.parametrize("data,why", [
-    (b"", "empty"),
-    (b"<html><body>not found</body></html>", "cannot decode"),
-    ("truncated", "cannot decode"),
-])
+@pytest.mark.parametrize(
+    "data,why",
+    [
+        (b"", "empty"),
+        (b"<html><body>not found</body></html>", "cannot decode"),
+        ("truncated", "cannot decode"),
+    ],
+)
 def test_decode_image_rejects_corrupt_data_clearly(data, why):
     if data == "truncated":
         good = encode(Image.effect_noise((64, 64), 50).convert("RGB"))

@@ -1,4 +1,5 @@
 """The image encoder's patch position table: where it starts, and that a ViT trained from scratch learns positions."""
+
 from __future__ import annotations
 
 import numpy as np
