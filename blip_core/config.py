@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 # The paper's Table 3 alternatives for sharing parameters between the text encoder and decoder.
 Sharing = Literal["all", "all_but_sa", "all_but_ca", "none"]
+# How beam search scores a finished caption and when it stops (see ``BlipConfig.beam_rule``, generation.py).
+BeamRule = Literal["transformers", "transformers-4.15"]
 
 
 class _Strict(BaseModel):
@@ -100,6 +102,21 @@ class BlipConfig(_Strict):
     # whole images for ~3,000 steps (flows/configs/full.yaml) they work, and beat uniform ones (docs/EXPERIMENTS.md).
     itm_negatives: Literal["hard", "uniform"] = "hard"
     prompt: str = "a picture of "
+    # The beam-search rule ``generate`` uses unless told otherwise (generation.py has both in full). "transformers":
+    # today's transformers, what Hugging Face BLIP checkpoints are used with (a finished caption's log-likelihood is
+    # divided by its generated tokens, [SEP] included). "transformers-4.15": the rule of transformers 4.15, which the
+    # official salesforce/BLIP code pins, set by an official .pth import so that published BLIP captions reproduce
+    # (divided by its whole length, [DEC] and the prompt included, [SEP] not): it stops some captions at [SEP] where
+    # "transformers" runs on to max_length. Left out of config.json at its default, so the checkpoints (and ids) of
+    # models that never set it stay what they were.
+    beam_rule: BeamRule = "transformers"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_beam_rule(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.beam_rule == "transformers":
+            data.pop("beam_rule", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> BlipConfig:

@@ -12,6 +12,8 @@ Semantics worth knowing (both sources follow the official code except where note
   checkpoints keep that, so each import keeps the eps of its source;
 - the official image-grounded encoder reads ``[ENC]`` first; Hugging Face's ``BlipForImageTextRetrieval`` feeds the
   ids it is given (``[CLS]`` from its processor). ``BlipModel.itm_logits`` always substitutes ``[ENC]``, as the paper;
+- beam search: an official import uses the rule of transformers 4.15, which the official code pins, so that its
+  published captions reproduce (``BlipConfig.beam_rule``); a Hugging Face import uses today's transformers' rule;
 - a captioning checkpoint has no text encoder and a retrieval checkpoint no decoder: with the default sharing
   (``all_but_sa``) a captioner's cross-attention, FFN and embeddings fill the shared modules, and its encoder
   self-attention stays at initialisation (reported).
@@ -336,6 +338,7 @@ def load_hf_blip(directory: str | os.PathLike):
                 **ids,
             },
             "embed_dim": hf.get("image_text_hidden_size", 256),
+            "beam_rule": "transformers",  # these checkpoints caption with today's transformers' beam search
         }
     )
     model = model_class("pretrain")(config, tok)  # BlipModel, registered by model.py
@@ -491,6 +494,7 @@ def official_config(state: Mapping[str, torch.Tensor], sharing: str = "all_but_s
         embed_dim=state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
         sharing=sharing,
         prompt="a picture of ",
+        beam_rule="transformers-4.15",  # the official code's captions come from transformers 4.15's beam search
     )
     return config
 

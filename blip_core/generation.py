@@ -2,9 +2,21 @@
 
 The image's cross-attention keys/values are computed once per image and shared by all its beams or
 samples (the decoder folds them into the query axis), the prompt is run once per image, and lengths count
-``[DEC]`` and the prompt as the official BLIP code does. Beam search follows the semantics of
-transformers' beam search (length penalty over generated tokens, its early-stop heuristic), so both give
-the same captions on the same weights.
+``[DEC]`` and the prompt as the official BLIP code does. Beam search follows one of two rules (``beam_rule``):
+
+- ``"transformers"``: today's transformers (``GenerationMixin._beam_search``), so that both give the same captions
+  on the same weights. A caption that ends with ``[SEP]`` is scored by its summed log-probability over its
+  generated tokens (``[SEP]`` included, the prompt not) ** ``length_penalty``; at ``max_length`` the best
+  ``num_beams`` candidates of the last step are finished the same way. A search stops when the best running beam,
+  divided by its generated length so far, no longer beats the worst of ``num_beams`` finished captions.
+- ``"transformers-4.15"``: transformers 4.15 (``BeamSearchScorer`` / ``BeamHypotheses`` and ``beam_search`` in
+  ``generation_utils.py``), which the official salesforce/BLIP code pins. A caption that ends with ``[SEP]`` is
+  scored by its summed log-probability over its whole length without the ``[SEP]``: ``[DEC]`` and the prompt
+  included (whose log-probabilities are not in the sum); an image is done, and its finished captions frozen, once
+  it has ``num_beams`` of them and the best candidate of the step (``[SEP]`` ones included) divided by the length
+  before that step is no better than the worst; beams still running at ``max_length`` join the finished ones
+  divided by ``max_length``. The constant prompt length in the denominator weakens the length normalisation: a
+  caption that stops at ``[SEP]`` wins where ``"transformers"`` prefers one that runs on to ``max_length``.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .config import BeamRule
 from .med import MED
 
 NEG = -1.0e9
@@ -56,9 +69,14 @@ def beam_search(
     eos_token_id: int,
     pad_token_id: int,
     context_mask: torch.Tensor | None = None,
+    beam_rule: BeamRule = "transformers",
 ) -> torch.Tensor:
     """Returns [B * num_return_sequences, L] token ids, the prompt included, padded with ``pad_token_id``.
-    ``context_mask`` [B, N]: which context tokens are real (VQA's padded questions); None: all of them."""
+    ``context_mask`` [B, N]: which context tokens are real (VQA's padded questions); None: all of them.
+    ``beam_rule``: how finished captions are scored and when the search stops (module docstring); greedy decoding
+    (``num_beams`` 1) is the same under both."""
+    if beam_rule not in ("transformers", "transformers-4.15"):
+        raise ValueError(f"unknown beam_rule {beam_rule!r}; choose 'transformers' or 'transformers-4.15'")
     if num_beams == 1:
         if num_return_sequences != 1:
             raise ValueError("greedy decoding (num_beams=1) returns one sequence per image")
@@ -90,9 +108,11 @@ def beam_search(
     finished = running.clone()
     finished_scores = torch.full((B, nb), NEG, device=dev)
     is_finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    # images that may still take finished captions: "transformers"' early-stop heuristic, or not yet done (4.15)
+    accepting = torch.ones(B, 1, dtype=torch.bool, device=dev)
     top_mask = torch.arange(2 * nb, device=dev) < nb
     batch_idx = torch.arange(B, device=dev)[:, None]
+    legacy = beam_rule == "transformers-4.15"
 
     cur_len = plen
     while True:
@@ -105,7 +125,11 @@ def beam_search(
         src_beam, tokens = top_idx // V, top_idx % V
         cand = running[batch_idx, src_beam]  # [B, 2nb, L]
         cand[:, :, cur_len] = tokens
-        hits = (tokens == eos_token_id) | (cur_len + 1 >= max_length)
+        # which candidates stop: at [SEP]; under "transformers" also every candidate that reaches max_length (4.15
+        # keeps those running and finalizes the running beams after the loop)
+        hits = tokens == eos_token_id
+        if not legacy:
+            hits = hits | (cur_len + 1 >= max_length)
 
         # the best num_beams continuations that did not stop keep running
         keep = (top_scores + hits.float() * NEG).topk(nb, dim=1).indices
@@ -113,31 +137,54 @@ def beam_search(
         running_scores = (top_scores + hits.float() * NEG).gather(1, keep)
         reorder = (src_beam.gather(1, keep) + batch_idx * nb).view(-1)
 
-        # stopped continuations among the top num_beams become hypotheses, scored with the length penalty
+        # stopped continuations among the top num_beams become finished captions, scored with the length penalty
         just_done = hits & top_mask[None, :]
-        norm = top_scores / float(cur_len + 1 - plen) ** length_penalty
-        norm = norm + (~improvable).float() * NEG + (~just_done).float() * NEG
-        merged = torch.cat([finished_scores, norm], dim=1)
-        best = merged.topk(nb, dim=1).indices
-        finished = torch.cat([finished, cand], dim=1)[batch_idx, best]
-        finished_scores = merged.gather(1, best)
-        is_finished = torch.cat([is_finished, just_done], dim=1).gather(1, best)
-
-        cur_len += 1
-        best_running = running_scores[:, :1] / float(cur_len - plen) ** length_penalty
-        worst = torch.where(
-            is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.full_like(finished_scores, NEG)
+        length = cur_len if legacy else cur_len + 1 - plen  # 4.15: the whole sequence without [SEP]
+        norm = top_scores / float(length) ** length_penalty
+        norm = norm + (~accepting).float() * NEG + (~just_done).float() * NEG
+        finished, finished_scores, is_finished = _keep_best(
+            finished, finished_scores, is_finished, cand, norm, just_done, nb, batch_idx
         )
-        improvable = improvable & (best_running > worst).any(dim=1, keepdim=True)
-        if not bool(improvable.any()) or bool(hits.all()) or cur_len >= max_length:
+
+        if legacy:  # BeamHypotheses.is_done with early_stopping=False, on the step's best candidate, [SEP] or not
+            worst = finished_scores.min(dim=1, keepdim=True).values
+            full = is_finished.all(dim=1, keepdim=True)
+            accepting = accepting & ~(full & (worst >= top_scores[:, :1] / float(cur_len) ** length_penalty))
+        cur_len += 1
+        if not legacy:
+            best_running = running_scores[:, :1] / float(cur_len - plen) ** length_penalty
+            worst = torch.where(
+                is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.full_like(finished_scores, NEG)
+            )
+            accepting = accepting & (best_running > worst).any(dim=1, keepdim=True)
+            if not bool(accepting.any()) or bool(hits.all()) or cur_len >= max_length:
+                break
+        elif not bool(accepting.any()) or cur_len >= max_length:
             break
         past = [(kk.index_select(0, reorder), vv.index_select(0, reorder)) for kk, vv in past]
         logits, past = med.decode_step(running[:, :, cur_len - 1].reshape(-1, 1), image_kv, past, context_mask)
         logits = logits.float()
 
+    if legacy:  # BeamSearchScorer.finalize: an image not done takes its running beams, divided by their full length
+        norm = running_scores / float(cur_len) ** length_penalty + (~accepting).float() * NEG
+        ran_out = accepting.expand(B, nb)
+        finished, finished_scores, is_finished = _keep_best(
+            finished, finished_scores, is_finished, running, norm, ran_out, nb, batch_idx
+        )
     out = finished[:, :num_return_sequences].reshape(B * num_return_sequences, max_length)
     lengths = _lengths(out, eos_token_id, plen)
     return out[:, : int(lengths.max())]
+
+
+def _keep_best(finished, finished_scores, is_finished, cand, cand_scores, cand_finished, nb, batch_idx):
+    """The best ``nb`` of the finished captions and the candidates (non-candidates carry a NEG score), best first."""
+    merged = torch.cat([finished_scores, cand_scores], dim=1)
+    best = merged.topk(nb, dim=1).indices
+    return (
+        torch.cat([finished, cand], dim=1)[batch_idx, best],
+        merged.gather(1, best),
+        torch.cat([is_finished, cand_finished], dim=1).gather(1, best),
+    )
 
 
 def greedy(

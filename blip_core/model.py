@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_pretrained, save_pretrained
-from .config import BlipConfig
+from .config import BeamRule, BlipConfig
 from .convert import load_bert_into_med
 from .generation import beam_search, nucleus_sample
 from .med import MED
@@ -188,10 +188,12 @@ class BlipModel(BlipBase):
         num_return_sequences: int = 1,
         prompt: str | None = None,
         seeds: Sequence[int] | None = None,
+        beam_rule: BeamRule | None = None,
     ) -> list[str] | list[list[str]]:
         """Captions. Beam search by default; nucleus sampling when ``top_p`` is given (``seeds``: one per image,
         so an image gets the same caption whatever batch it is in). Lengths count tokens as the official code
-        does: ``[DEC]`` and the prompt included. With ``num_return_sequences`` > 1 each image gets a list."""
+        does: ``[DEC]`` and the prompt included. With ``num_return_sequences`` > 1 each image gets a list.
+        ``beam_rule``: the beam-search rule, None for the model's own (``config.beam_rule``)."""
         if self.tokenizer is None:
             raise RuntimeError("generate needs a tokenizer")
         prompt = self.config.prompt if prompt is None else prompt
@@ -226,6 +228,7 @@ class BlipModel(BlipBase):
                     prompt_ids,
                     num_beams=num_beams,
                     num_return_sequences=num_return_sequences,
+                    beam_rule=self.config.beam_rule if beam_rule is None else beam_rule,
                     **common,
                 )
         texts = self.tokenizer.decode_batch(out[:, prompt_ids.shape[1] :].tolist())
@@ -241,9 +244,11 @@ class BlipModel(BlipBase):
             image_embeds = self.encode_image(images)
             kwargs.setdefault("eos_token_id", self.config.text.sep_token_id)
             kwargs.setdefault("pad_token_id", self.config.text.pad_token_id)
+            beam_rule = kwargs.pop("beam_rule", None)
             if kwargs.get("top_p") is not None:
                 return nucleus_sample(self.text, image_embeds, prompt_ids.to(self.device), **kwargs)
             kwargs.pop("top_p", None)
+            kwargs["beam_rule"] = self.config.beam_rule if beam_rule is None else beam_rule
             return beam_search(self.text, image_embeds, prompt_ids.to(self.device), **kwargs)
 
     def lm_logits(

@@ -23,6 +23,12 @@ then commits the directory with ``storage.commit``)::
   ``text``, ``source``. ``shard`` holds the shard's name (``"00012"``; ``"00012.tar"`` or a full URL are
   accepted too).
 - ``counts``: informational (what assemble counted); readers do not rely on it.
+- ``keep`` (only when assemble applied a keep rule of its own, the config's ``assemble:`` section): the rule
+  (``rule``, ``description``, the ``config`` it came from), the CapFilt Parquet it was applied to (``capfilt``,
+  a location as above) and that run's ``capfilt_fingerprint``, and the counts by source (kept, total, dropped by
+  reason). ``capfilt`` above then names the rows that rule kept, written by assemble under ``kept/`` (one file per
+  CapFilt file: ``shard``, ``key``, ``source``, ``candidate``, ``text`` and ``keep``, always true), so the stream
+  reads them as it reads CapFilt's own. Without ``keep``, the stream reads CapFilt's ``keep`` column.
 - Every location is a URL (``s3://b/run/ingest/web``, ``/data/run/...``) or a path relative to the
   manifest's directory; ``write_manifest`` writes relative paths when it can, so a run root can be copied
   or moved as a whole.
@@ -70,6 +76,7 @@ class DatasetManifest:
     shards: str | None
     capfilt: str | None
     counts: dict = field(default_factory=dict)
+    keep: dict | None = None  # the keep rule of assemble's own, if any (its ``capfilt`` resolved)
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -112,6 +119,7 @@ def write_manifest(
     shards: str | None,
     capfilt: str | None,
     counts: dict | None = None,
+    keep: dict | None = None,
     relative: bool = True,
 ) -> str:
     """Write ``<dataset_dir>/manifest.json`` (the caller commits the directory afterwards); returns its URL."""
@@ -131,6 +139,8 @@ def write_manifest(
         "capfilt": rel(capfilt),
         "counts": counts or {},
     }
+    if keep is not None:
+        payload["keep"] = {**keep, "capfilt": rel(keep.get("capfilt"))}
     url = storage.join(dataset_dir, MANIFEST)
     storage.write_json(url, payload)
     return url
@@ -147,6 +157,7 @@ def read_manifest(url: str) -> DatasetManifest:
         raise ValueError(f"{url}: manifest version {data.get('version')!r} is not supported (expected {VERSION})")
     base = posixpath.dirname(url.rstrip("/")) if "://" not in url else url.rsplit("/", 1)[0]
     human = data.get("human") or {}
+    keep = data.get("keep")
     return DatasetManifest(
         round=int(data.get("round", 0)),
         human_annotations=resolve(base, human.get("annotations")),
@@ -154,6 +165,7 @@ def read_manifest(url: str) -> DatasetManifest:
         shards=resolve(base, data.get("shards")),
         capfilt=resolve(base, data.get("capfilt")),
         counts=data.get("counts") or {},
+        keep=None if keep is None else {**keep, "capfilt": resolve(base, keep.get("capfilt"))},
     )
 
 

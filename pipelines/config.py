@@ -282,6 +282,17 @@ class CapfiltConfig(_Section):
         return self
 
 
+class AssembleConfig(_Section):
+    """``capfilt assemble``: the keep rule of round K's dataset, applied to the scores CapFilt stored (one read of
+    its Parquet, no model run; ``pipelines/keep_rule.py``). Null everywhere: CapFilt's own ``keep`` column. A field
+    set replaces CapFilt's setting and the others stay CapFilt's (its extra scorers' rules included)."""
+
+    itm_threshold: float | None = Field(None, ge=0, le=1, description="keep a text when ITM P(match) exceeds it")
+    itc_threshold: float | None = Field(None, ge=-1, le=1, description="and when its ITC cosine exceeds it")
+    clip_threshold: float | None = Field(None, ge=-1, le=1, description="and when its CLIP cosine exceeds it")
+    top_k_synthetic: int | None = Field(None, ge=1, description="keep at most the k best synthetic texts per image")
+
+
 class EvalConfig(_Section):
     """``capfilt eval``: round K's pre-trained model on the held-out set (``human.test``), the same protocol
     for every round. Retrieval: ITC top-``retrieval_k`` re-ranked by ITM (256 for COCO). Captioning: beam
@@ -311,6 +322,7 @@ class RunConfig(_Section):
     model: ModelSection = ModelSection()
     train: TrainConfig = TrainConfig()
     capfilt: CapfiltConfig = CapfiltConfig()
+    assemble: AssembleConfig = AssembleConfig()
     eval: EvalConfig = EvalConfig()
     flow: FlowConfig = FlowConfig()
 

@@ -1,5 +1,6 @@
 """The CapFilt Parquet's rows: the schema (version 1, plus the columns of extra scorers at the end) and the keep
-rule, written once here.
+decisions, made by the keep rule of ``pipelines/keep_rule.py`` (which ``capfilt assemble`` applies again, with
+thresholds of its own, over the stored scores).
 
 The keep rule: a text is kept when its status is ``ok``, the filter's ITM P(match) exceeds
 ``capfilt.itm_threshold`` and every extra scorer with a ``keep_above``/``keep_below`` passes on its first column;
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+
+from ..keep_rule import KeepRule, ScoreRule, decide
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -80,20 +83,18 @@ def _nan_to_none(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
-def _rule_failures(batch: dict[str, np.ndarray], settings: Settings, i: int, j: int) -> list[str]:
-    """The extra scorers whose rule text ``j`` of image ``i`` fails."""
-    failed = []
-    for s in settings.scorers:
-        if s.keep_above is None and s.keep_below is None:
-            continue
-        v = float(batch[f"{s.cls.columns[0].name}__{j}"][i])
-        if (
-            np.isnan(v)
-            or (s.keep_above is not None and not v > s.keep_above)
-            or (s.keep_below is not None and not v < s.keep_below)
-        ):
-            failed.append(s.kind)
-    return failed
+def keep_rule(settings: Settings) -> KeepRule:
+    """The run's keep rule: ``capfilt.itm_threshold``, ``keep_top_k_synthetic`` and the extra scorers' rules, in
+    the order they run."""
+    return KeepRule(
+        settings.itm_threshold,
+        settings.keep_top_k_synthetic,
+        tuple(
+            ScoreRule(s.cls.columns[0].name, f"{s.kind}_rule", s.keep_above, s.keep_below)
+            for s in settings.scorers
+            if s.keep_above is not None or s.keep_below is not None
+        ),
+    )
 
 
 def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
@@ -105,21 +106,11 @@ def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in schema}
     cols[UNIT_COLUMN] = []
     scores = score_columns(s)
-    itm = np.stack([batch[f"itm_score__{j}"] for j in range(1 + k)], axis=1)
+    where: list[tuple[int, int]] = []  # (image i, text j) of each row: where its scores are in the batch
 
-    def add(
-        i: int,
-        text: str,
-        source: str,
-        cand: int | None,
-        j: int,
-        status: str,
-        error: str | None,
-        keep: bool,
-        reason: str | None,
-        length: int,
-    ) -> None:
+    def add(i: int, text: str, source: str, cand: int | None, j: int, status: str, error: str | None, length: int):
         scored = status == "ok"
+        where.append((i, j))
         cols["key"].append(str(batch["key"][i]))
         cols["shard"].append(str(batch["shard"][i]))
         url = batch["url"][i]
@@ -130,8 +121,6 @@ def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
         for c in scores:
             values = batch.get(f"{c}__{j}")
             cols[c].append(_nan_to_none(values[i]) if scored and values is not None else None)
-        cols["keep"].append(keep)
-        cols["drop_reason"].append(reason)
         cols["status"].append(status)
         cols["error"].append(error)
         cols["seed"].append(int(batch["seed"][i]) if source == "synthetic" and s.method == "nucleus" else None)
@@ -141,59 +130,35 @@ def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
         cols["filter_id"].append(s.filter.id)
         cols[UNIT_COLUMN].append(int(batch[UNIT_COLUMN][i]))
 
-    def verdict(i: int, j: int, status: str) -> str | None:
-        """Why text ``j`` of image ``i`` is dropped before the top-k (None: it passes)."""
-        if status != "ok":
-            return "bad_input"
-        if not bool(itm[i, j] > s.itm_threshold):
-            return "itm_below_threshold"
-        failed = _rule_failures(batch, s, i, j)
-        return f"{failed[0]}_rule" if failed else None
-
     for i in range(n):
         image_status = str(batch["image_status"][i])
         err = batch["error"][i]
         err = None if err is None else str(err)
         if image_status != "ok":  # missing, corrupt (or the reader's shard_error row): the web row only
-            add(
-                i,
-                str(batch["text"][i]),
-                "web",
-                None,
-                0,
-                image_status,
-                err,
-                False,
-                "bad_input",
-                int(batch["text_length"][i]),
-            )
+            add(i, str(batch["text"][i]), "web", None, 0, image_status, err, int(batch["text_length"][i]))
             continue
-        web_status = str(batch["text_status"][i])
-        reason = verdict(i, 0, web_status)
-        add(
-            i,
-            str(batch["text"][i]),
-            "web",
-            None,
-            0,
-            web_status,
-            None,
-            reason is None,
-            reason,
-            int(batch["text_length"][i]),
-        )
-        texts = [str(batch[f"syn_{j}"][i]) for j in range(k)]
-        statuses = ["ok" if t.strip() else "empty_text" for t in texts]
-        reasons = [verdict(i, j + 1, statuses[j]) for j in range(k)]
-        passing = [j for j in range(k) if reasons[j] is None]
-        if s.keep_top_k_synthetic is not None:
-            ranked = sorted(passing, key=lambda j: (-float(itm[i, j + 1]), j))
-            kept = set(ranked[: s.keep_top_k_synthetic])
-        else:
-            kept = set(passing)
+        add(i, str(batch["text"][i]), "web", None, 0, str(batch["text_status"][i]), None, int(batch["text_length"][i]))
         for j in range(k):
-            reason = None if j in kept else (reasons[j] or "not_top_k")
-            add(i, texts[j], "synthetic", j, j + 1, statuses[j], None, j in kept, reason, len(texts[j]))
+            text = str(batch[f"syn_{j}"][i])
+            add(i, text, "synthetic", j, j + 1, "ok" if text.strip() else "empty_text", None, len(text))
+
+    # The decisions, from the batch's own scores (a bad row's are NaN, never read: bad input is checked first).
+    rule = keep_rule(s)
+    ri, rj = np.array(where, dtype=np.int64).reshape(-1, 2).T
+
+    def at(column: str) -> np.ndarray:
+        return np.stack([batch[f"{column}__{j}"] for j in range(1 + k)], axis=1)[ri, rj]
+
+    keep, reason = decide(
+        rule,
+        ok=np.array([st == "ok" for st in cols["status"]], dtype=bool),
+        synthetic=np.array([src == "synthetic" for src in cols["source"]], dtype=bool),
+        candidate=np.array([-1 if c is None else c for c in cols["candidate"]], dtype=np.int64),
+        group=ri,
+        itm=at("itm_score"),
+        scores={r.column: at(r.column) for r in rule.score_rules},
+    )
+    cols["keep"], cols["drop_reason"] = keep.tolist(), reason.tolist()
     arrays = [pa.array(cols[f.name], type=f.type) for f in schema]
     return pa.Table.from_arrays(
         arrays + [pa.array(cols[UNIT_COLUMN], pa.int32())], names=[f.name for f in schema] + [UNIT_COLUMN]

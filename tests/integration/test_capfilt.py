@@ -256,6 +256,61 @@ def test_assemble_writes_the_manifest_of_human_and_kept_texts(reference):
     assert sum(u.size for u in human.units()) == 180
 
 
+def test_assemble_with_a_stricter_itm_threshold_keeps_fewer_rows_and_records_its_rule(reference, tmp_path):
+    from pipelines.assemble import AssembleError, run_assemble
+    from pipelines.bootstrapped import bootstrapped_sources, read_manifest
+    from pipelines.keep_rule import capfilt_rule, decide_table
+
+    table = reference["table"]
+    capfilt = Path(reference["root"]) / f"round={ROUND}" / "capfilt"
+    fingerprint = storage.read_commit(str(capfilt))["fingerprint"]
+    # CapFilt's rule as the stage recorded it, applied again to the stored scores, gives back its decisions
+    keep, reason = decide_table(table, capfilt_rule(fingerprint))
+    assert keep.tolist() == table["keep"].to_pylist()
+    assert reason.tolist() == table["drop_reason"].to_pylist()
+
+    # A root of its own with the reference's inputs and CapFilt output (the reference's dataset is the test above's).
+    root = link_inputs(reference["root"], tmp_path / "stricter")
+    (Path(root) / f"round={ROUND}").mkdir()
+    (Path(root) / f"round={ROUND}" / "capfilt").symlink_to(capfilt, target_is_directory=True)
+    kept = table.filter(pc.field("keep"))
+    web_scores = kept.filter(pc.equal(kept["source"], "web"))["itm_score"].to_numpy()
+    threshold = round(float(np.median(web_scores)), 2)  # stricter than CapFilt's 0.3, and some rows pass it
+    assert threshold > 0.3
+    cfg = load_config(TINY, [f"assemble.itm_threshold={threshold}"])
+    summary = run_assemble(cfg, root, ROUND)
+
+    # What it keeps: CapFilt's kept rows above the new threshold (CapFilt's top-1 synthetic per image stays).
+    expected = kept.filter(pc.greater(kept["itm_score"], pa.scalar(threshold, pa.float32())))
+    for src in ("web", "synthetic"):
+        n = expected.filter(pc.equal(expected["source"], src)).num_rows
+        assert summary[src]["kept"] == n <= kept.filter(pc.equal(kept["source"], src)).num_rows
+        assert summary[src]["total"] == table.filter(pc.equal(table["source"], src)).num_rows
+    assert 0 < summary["bootstrapped"]["pairs"] == expected.num_rows < kept.num_rows
+    assert summary["total_pairs"] == 180 + expected.num_rows
+
+    # The manifest records the rule, the CapFilt run it was applied to, and the counts; the stream reads its rows.
+    dataset = Path(root) / f"round={ROUND}" / "dataset"
+    m = read_manifest(str(dataset))
+    assert m.capfilt == str(dataset / "kept") and m.keep["capfilt"] == str(Path(root) / f"round={ROUND}" / "capfilt")
+    assert m.keep["rule"]["itm_threshold"] == threshold and m.keep["rule"]["top_k_synthetic"] == 1
+    assert m.keep["config"]["itm_threshold"] == threshold and m.keep["capfilt_fingerprint"] == fingerprint
+    assert m.keep["counts"]["web"]["kept"] == summary["web"]["kept"]
+    assert m.keep["counts"]["web"]["dropped"]["itm_below_threshold"] > 0
+    assert f"itm_score > {threshold:g}" in m.keep["description"] == summary["keep_rule"]
+    _, boot = bootstrapped_sources(str(dataset))
+    samples = [s for u in boot.units() for s in boot.read(u)]
+    assert sorted((s.key, s.text, s.source) for s in samples) == sorted(
+        zip(expected["key"].to_pylist(), expected["text"].to_pylist(), expected["source"].to_pylist())
+    )
+    assert all(s.image for s in samples)
+
+    # A rerun with the same rule does nothing; with another, it refuses to re-decide a committed dataset.
+    assert run_assemble(cfg, root, ROUND) == summary
+    with pytest.raises(AssembleError, match="committed with the keep rule"):
+        run_assemble(load_config(TINY), root, ROUND)
+
+
 # ----------------------------------------------------------------------------------------- determinism
 def test_two_actors_with_batches_of_3_give_the_rows_of_one_actor_with_batches_of_8(
     reference, tiny_world, models, tmp_path

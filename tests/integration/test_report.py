@@ -30,7 +30,7 @@ from integration_helpers import TINY
 from pipelines import storage
 from pipelines.capfilt import OUTPUT_SCHEMA
 from pipelines.config import load_config
-from pipelines.report import choose_samples, run_report
+from pipelines.report import SWEEP_THRESHOLDS, choose_samples, run_report
 from pipelines.shards import iter_shard, list_shards, shard_name
 from pipelines.summary import filter_agreement
 
@@ -256,7 +256,15 @@ def report(tiny_world: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_sections_and_self_containment(report: dict) -> None:
     dom = report["dom"]
-    for sid in ("kept-share", "score-histograms", "samples", "training-curves", "evaluation", "filter-agreement"):
+    for sid in (
+        "kept-share",
+        "score-histograms",
+        "threshold-sweep",
+        "samples",
+        "training-curves",
+        "evaluation",
+        "filter-agreement",
+    ):
         section = dom.find("section", id=sid)
         assert section.find("h2").text().strip()
     assert not dom.find_all("script") and not dom.find_all("link") and not dom.find_all("iframe")
@@ -362,3 +370,31 @@ def test_filter_agreement(report: dict) -> None:
     assert cell("precision") == f"{100 * agreement['precision']:.1f}%"
     assert cell("recall") == f"{100 * agreement['recall']:.1f}%"
     assert agreement["by_noise_type"] and all(t in section.text() for t in agreement["by_noise_type"])
+
+
+def test_threshold_sweep(report: dict) -> None:
+    """Kept texts per ITM threshold as DuckDB counts them (float32 comparisons, as the keep rule); at CapFilt's own
+    threshold, the precision and recall of the filter-vs-truth section."""
+    section = report["dom"].find("section", id="threshold-sweep")
+    parquet = f"{report['capfilt']}/part-*.parquet"
+    for t in SWEEP_THRESHOLDS:
+        kept = dict(
+            duckdb.sql(f"""SELECT source, count(*) FILTER (WHERE status = 'ok' AND itm_score > CAST({t} AS FLOAT))
+                           FROM read_parquet('{parquet}') GROUP BY source""").fetchall()
+        )
+        row = section.find("tr", data_threshold=f"{t:.2f}")
+        for source in ("web", "synthetic"):
+            assert row.by_class(source)[0].attrs["data-kept"] == str(kept[source]), (t, source)
+    agreement = filter_agreement(str(report["capfilt"]), storage.join(report["root"], "world", "truth", "web.parquet"))
+    row = section.find("tr", data_threshold="0.50")
+    assert row.by_class("removed")[0].text() == str(agreement["removed"])
+    assert row.by_class("precision")[0].text() == f"{100 * agreement['precision']:.1f}%"
+    assert row.by_class("recall")[0].text() == f"{100 * agreement['recall']:.1f}%"
+    for chart_id, series in (("sweep-kept", {"web", "synthetic"}), ("sweep-filter", {"precision", "recall"})):
+        svg = section.find("svg", id=chart_id)
+        assert {p.attrs["data-series"] for p in svg.by_class("series")} == series
+        assert svg.by_class("threshold")
+    assert all(
+        int(p.attrs["data-points"]) == len(SWEEP_THRESHOLDS)
+        for p in section.find("svg", id="sweep-kept").by_class("series")
+    )

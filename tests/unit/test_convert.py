@@ -139,7 +139,8 @@ def batch(seed: int = 0, size: int = 32):
     return pixels, ids, mask
 
 
-def outputs(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
+def outputs(model: BlipModel, kind: str, beam_rule: str | None = None) -> dict[str, torch.Tensor]:
+    """``beam_rule`` None: the model's own."""
     pixels, ids, mask = batch()
     out = {}
     with torch.no_grad():
@@ -153,7 +154,9 @@ def outputs(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
             dec[:, 0] = model.config.text.bos_token_id
             out["lm"] = model.lm_logits(img, dec, mask)
             prompt = torch.tensor([[30522, 1037, 3861, 1997]])
-            out["beam"] = model.generate_ids(pixels, prompt, num_beams=3, max_length=10, min_length=6)
+            out["beam"] = model.generate_ids(
+                pixels, prompt, num_beams=3, max_length=10, min_length=6, beam_rule=beam_rule
+            )
     return out
 
 
@@ -184,8 +187,9 @@ def test_official_pth_reproduces_the_source_model(tmp_path, kind, sharing):
         101,
     )
     assert c.text.tie_word_embeddings and c.prompt == "a picture of "
+    assert c.beam_rule == "transformers-4.15"  # the official code's beam search (transformers 4.15)
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == VOCAB
-    want, got = outputs(src, kind), outputs(loaded, kind)
+    want, got = outputs(src, kind, beam_rule="transformers-4.15"), outputs(loaded, kind)
     for name in want:
         if name == "beam":
             assert torch.equal(want[name], got[name]), name
@@ -193,6 +197,34 @@ def test_official_pth_reproduces_the_source_model(tmp_path, kind, sharing):
             assert (want[name] - got[name]).abs().max() <= ATOL, name
     if kind != "caption":
         assert loaded.temp.item() == pytest.approx(0.05)
+
+
+def test_official_pth_decodes_with_the_official_beam_rule(tmp_path, monkeypatch):
+    """An official import captions with the beam-search rule of transformers 4.15, which the official code pins (so
+    that published BLIP captions reproduce), keeps it through save/load, and a call may still ask for today's."""
+    import blip_core.model
+
+    src = source_model(seed=4)
+    torch.save({"model": official_state(src, "caption")}, tmp_path / "model_base_caption.pth")
+    loaded = BlipModel.from_pretrained(tmp_path / "model_base_caption.pth")
+    assert loaded.config.beam_rule == "transformers-4.15"
+    loaded.save_pretrained(tmp_path / "ours")
+    assert BlipModel.from_pretrained(tmp_path / "ours").config.beam_rule == "transformers-4.15"
+
+    rules = []
+    real = blip_core.model.beam_search
+
+    def spy(*args, **kwargs):
+        rules.append(kwargs["beam_rule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blip_core.model, "beam_search", spy)
+    pixels = batch()[0]
+    loaded.generate(pixels, num_beams=3, max_length=20, min_length=5)
+    loaded.generate_ids(pixels, torch.tensor([[30522]]), num_beams=3, max_length=8, min_length=2)
+    loaded.generate(pixels, num_beams=3, max_length=20, min_length=5, beam_rule="transformers")
+    src.generate(pixels, num_beams=3, max_length=20, min_length=5)  # our own model: today's rule
+    assert rules == ["transformers-4.15", "transformers-4.15", "transformers", "transformers"]
 
 
 def test_official_pth_plain_state_dict_and_missing_parts_are_reported(tmp_path, caplog):
@@ -253,6 +285,7 @@ def test_official_base_and_large_are_told_apart_by_shape(vwidth, vdepth, heads, 
     )
     assert c.vision.mlp_ratio == 4.0 and c.embed_dim == 256
     assert c.vision.grad_checkpointing == (vwidth == 1024)  # the 'large' preset
+    assert c.beam_rule == "transformers-4.15"
 
 
 class NotATensor:  # a pickled object: weights_only loading must refuse it, never run it
@@ -351,6 +384,14 @@ def test_hf_other_architectures_are_refused(hf_captioner, tmp_path):
     _edit_config(hf_captioner, tmp_path / "deep", lambda c: c["vision_config"].update(num_hidden_layers=3))
     with pytest.raises(ValueError, match="num_hidden_layers"):
         BlipModel.from_pretrained(tmp_path / "deep")
+
+
+def test_hf_import_uses_todays_beam_rule(hf_captioner, tmp_path):
+    """Hugging Face checkpoints are used with today's transformers: their import keeps its beam-search rule."""
+    model = BlipModel.from_pretrained(hf_captioner)
+    assert model.config.beam_rule == "transformers"
+    model.save_pretrained(tmp_path / "ours")
+    assert BlipModel.from_pretrained(tmp_path / "ours").config.beam_rule == "transformers"
 
 
 def test_hf_checkpoint_at_a_larger_resolution(hf_captioner):

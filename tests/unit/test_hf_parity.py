@@ -132,6 +132,7 @@ def test_config_follows_the_hf_config(retrieval, captioner):
             ENC,
         )
         assert t.tie_word_embeddings and ours.config.sharing == "all_but_sa" and ours.config.embed_dim == 16
+        assert ours.config.beam_rule == "transformers"  # today's beam search, which the tests below compare
         assert not ours.training
 
 
@@ -195,6 +196,53 @@ def test_generation_matches(captioner, num_beams, num_return_sequences, repetiti
     lengths = [len(r) for r in until_eos(mine, 4)]
     assert min(lengths) >= 7 and max(lengths) <= 14
     assert min(lengths) < 14  # some captions stopped at [SEP]: the finished-hypothesis logic was exercised
+
+
+def test_the_official_beam_rule_is_not_todays(captioner):
+    """The rule of an official .pth import (transformers 4.15's, which the official code pins) on the same weights:
+    today's rule keeps matching transformers' generate, the official one stops some captions earlier at [SEP]."""
+    hf, ours = captioner
+    pixels = images(6, seed=3)
+    kwargs = dict(num_beams=3, max_length=20, min_length=5)
+    theirs = until_eos(
+        hf.generate(pixel_values=pixels, input_ids=torch.tensor([[CLS, 110, 111, 112, SEP]] * 6), **kwargs), 4
+    )
+    prompt = torch.tensor([[DEC, 110, 111, 112]])
+    assert until_eos(ours.generate_ids(pixels, prompt, beam_rule="transformers", **kwargs), 4) == theirs
+    official = until_eos(ours.generate_ids(pixels, prompt, beam_rule="transformers-4.15", **kwargs), 4)
+    differ = [i for i in range(6) if official[i] != theirs[i]]
+    assert differ and all(len(official[i]) < len(theirs[i]) for i in differ), (official, theirs)
+
+
+def test_constructed_beam_case_matches_transformers_generate():
+    """tests/unit/test_generation.py's constructed case (a decoder whose next token depends on the last one only):
+    transformers' own beam search returns what our "transformers" rule returns, not what the 4.15 rule does."""
+    import test_generation as case
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class TableLM(PreTrainedModel, GenerationMixin):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids=None, **kwargs):
+            return CausalLMOutput(logits=case.TABLE.log().float()[input_ids])
+
+        def prepare_inputs_for_generation(self, input_ids, **kwargs):
+            return {"input_ids": input_ids}
+
+    lm = TableLM(PretrainedConfig(vocab_size=8, pad_token_id=case.PAD, eos_token_id=case.SEP)).eval()
+    for k in (1, 2):
+        theirs = lm.generate(
+            input_ids=case.TABLE_PROMPT, num_return_sequences=k, use_cache=False, do_sample=False, **case.TABLE_KW
+        )
+        rows = [r[: r.index(case.SEP) + 1] if case.SEP in r else r for r in theirs.tolist()]
+        assert rows == case.table_beam_search("transformers", num_return_sequences=k)
+        assert rows != case.table_beam_search("transformers-4.15", num_return_sequences=k)
+    assert rows == [case.LONG, case.SHORT]
 
 
 def test_untied_lm_head(tmp_path):
