@@ -44,8 +44,10 @@ lock:
 	! test -f $(STAMP) || touch $(STAMP)
 
 # ruff's settings live in pyproject.toml's [tool.ruff]; `ruff format .` and `ruff check --fix .` mend most findings.
+# mypy checks the modules listed in [tool.mypy] (storage and caption-filter's seams).
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 demo: install
 	$(BIN)/capfilt demo --root $(ROOT)

@@ -56,6 +56,9 @@ class ModelActor:
         for chunk in fixed_chunks(ok, self.s.model_batch_size):
             yield chunk, to_tensor(px[chunk], self.ref.pixels, self.s.model_batch_size, self.device)
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
+        raise NotImplementedError
+
     def finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for c in self.drop:
             batch.pop(c, None)

@@ -57,6 +57,7 @@ def load_blip(ref: ModelRef, settings: Any, device: Any):
 
     from ..modeling import load_model
 
+    assert ref.url is not None, "resolve_blip always names the checkpoint"
     model = load_model(ref.url, image_size=ref.pixels.size).eval().to(device)
     if device.type == "cuda" and settings.amp != "none":
         model.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16

@@ -78,6 +78,7 @@ class ClipScorer(Scorer):
 
         super().__init__(ref, settings, device)
         register_architecture(ref.options["model_config_file"])
+        assert ref.url is not None, "resolve always names the checkpoint"
         with storage.local_copy(ref.url) as path:
             self.model = open_clip.create_model(ref.options["model"], pretrained=path, device=device).eval()
         self.tokenizer = open_clip.get_tokenizer(ref.options["model"])

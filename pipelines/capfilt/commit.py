@@ -176,7 +176,7 @@ def write_unit(
 
 def summarize(plan: Plan, done: dict[int, dict]) -> dict:
     """The stage summary from the units' markers (stored in ``_COMMITTED``)."""
-    total = {
+    total: dict[str, Any] = {
         "units": len(plan.units),
         "files": [],
         "rows": 0,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from .actors import CaptionActor, ScoreActor
+from .actors import CaptionActor, ModelActor, ScoreActor
 from .decode import ShardDecoder
 from .rows import empty_table
 from .settings import Settings
@@ -21,7 +21,7 @@ class LocalRunner:
         pools = pools or {}
         self.settings = settings
         self.decoder = ShardDecoder(settings)
-        self.stages = [CaptionActor(settings.captioner, settings, pools.get("captioner", {}))]
+        self.stages: list[ModelActor] = [CaptionActor(settings.captioner, settings, pools.get("captioner", {}))]
         self.stages += [ScoreActor(ref, settings, pools.get(ref.kind, {})) for ref in settings.scorers]
         self.stages.append(ScoreActor(settings.filter, settings, pools.get("filter", {}), emit_rows=True))
 

@@ -38,7 +38,7 @@ class ModelRef:
     actor gets a copy and builds ``cls(ref, settings, device)``."""
 
     kind: str  # the registered name
-    cls: type
+    cls: type[Any]  # a Captioner or Scorer subclass
     url: str | None  # the checkpoint, if any
     id: str  # content id (part of the fingerprint: another id means other output)
     pixels: PixelSpec
@@ -73,7 +73,7 @@ class Scorer:
     packages: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, root: str, round: int, section: ScorerConfig) -> ModelRef:
+    def resolve(cls, cfg: RunConfig, root: str, round: int, section: ScorerConfig | None) -> ModelRef:
         raise NotImplementedError
 
     def __init__(self, ref: ModelRef, settings: Settings, device: Any):

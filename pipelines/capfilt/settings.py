@@ -117,7 +117,7 @@ def versions(settings: Settings | None = None) -> dict:
     import importlib.metadata as md
 
     extra = [p for m in (settings.models() if settings else []) for p in m.cls.packages]
-    out = {"python": platform.python_version()}
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("capfilt", "torch", "ray", "pyarrow", *dict.fromkeys(extra)):
         try:
             out[name] = md.version(name)

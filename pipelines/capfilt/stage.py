@@ -35,7 +35,7 @@ from ..shards import list_shards
 from .actors import CaptionActor, ScoreActor
 from .commit import Plan, Unit, load_or_create_plan, read_done, summarize, write_unit
 from .decode import shard_datasource
-from .models import CapfiltError, ship_plugins
+from .models import CapfiltError, ModelRef, ship_plugins
 from .rows import SHARD_ERROR_KEY, UNIT_COLUMN, describe_keep_rule, empty_table
 from .settings import Settings, resolve_settings
 
@@ -52,11 +52,11 @@ def _num_gpus(pool: ActorPool, use_gpu: bool) -> float:
     return 1.0 if use_gpu else 0.0
 
 
-def model_stages(settings: Settings, cfg: RunConfig) -> list[tuple[type, object, ActorPool, dict]]:
+def model_stages(settings: Settings, cfg: RunConfig) -> list[tuple[type, ModelRef, ActorPool, dict]]:
     """(actor class, model, pool, extra constructor arguments) in pipeline order: captioner, extra scorers,
     filter. Each stage drops the pixel columns no later stage reads; the filter emits the output rows."""
     cc = cfg.capfilt
-    stages = [(CaptionActor, settings.captioner, cc.captioner_pool, {})]
+    stages: list[tuple[type, ModelRef, ActorPool, dict]] = [(CaptionActor, settings.captioner, cc.captioner_pool, {})]
     stages += [(ScoreActor, ref, cc.scorers[ref.kind].pool, {}) for ref in settings.scorers]
     stages.append((ScoreActor, settings.filter, cc.filter_pool, {"emit_rows": True}))
     for pos, (_, ref, _, extra) in enumerate(stages[:-1]):
@@ -124,7 +124,8 @@ def consume(ds, todo: Sequence[Unit], write: Callable[[Unit, pa.Table, list[dict
     """Stream the dataset's rows (in unit order) and call ``write(unit, table, shard_errors)`` for each unit of
     ``todo`` as soon as the next one starts (units without rows get ``empty``)."""
     order = {u.index: pos for pos, u in enumerate(todo)}
-    pos, parts = 0, []  # pos: the position in todo of the unit being collected
+    pos = 0  # the position in todo of the unit being collected
+    parts: list[pa.Table] = []
 
     def flush_until(target: int) -> None:
         nonlocal pos, parts
