@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from capfilt_settings import PIXELS, make_settings
 
 from pipelines import storage
 from pipelines.assemble import AssembleError, assemble_rows, resolve_rule
-from pipelines.capfilt import ModelRef, PixelSpec, Scorer, Settings, output_schema, register_scorer
+from pipelines.capfilt import ModelRef, Scorer, Settings, output_schema, register_scorer
 from pipelines.capfilt.models import SCORERS
 from pipelines.capfilt.rows import UNIT_COLUMN, build_rows, keep_rule
 from pipelines.config import AssembleConfig, ConfigError, validate_config
@@ -31,7 +32,6 @@ from pipelines.keep_rule import (
 from pipelines.report import SWEEP_THRESHOLDS, Sweep
 
 K = 3
-PIXELS = PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
 
 
 @register_scorer("unit_glow")
@@ -150,29 +150,7 @@ def test_a_rule_names_the_columns_it_needs():
 
 # -------------------------------------------------------------------------------------- CapFilt agreement
 def settings(scorers: list[ModelRef], **over) -> Settings:
-    base = dict(
-        round=1,
-        seed=0,
-        source="web",
-        captioner=ModelRef("blip", object, "/cap", "c" * 16, PIXELS),
-        filter=ModelRef("blip_itm", object, "/filt", "f" * 16, PIXELS),
-        num_samples=K,
-        method="nucleus",
-        top_p=0.9,
-        num_beams=3,
-        max_length=12,
-        min_length=3,
-        repetition_penalty=1.0,
-        prompt=None,
-        itm_threshold=0.5,
-        keep_top_k_synthetic=None,
-        max_text_chars=50,
-        model_batch_size=4,
-        amp="none",
-        use_gpu=False,
-        scorers=scorers,
-    )
-    return Settings(**(base | over))
+    return make_settings("", num_samples=K, scorers=scorers, **over)
 
 
 def random_batch(rng: np.random.Generator, n: int, shard: str, score_columns: list[str]) -> dict:

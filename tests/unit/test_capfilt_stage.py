@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from capfilt_settings import make_settings
 
 from blip_core import BlipConfig, BlipModel, BlipTokenizer
 from pipelines import capfilt as C
 from pipelines.capfilt.actors import CaptionActor, ScoreActor
-from pipelines.capfilt.blip import BlipCaptioner, BlipFilter
 from pipelines.capfilt.commit import load_or_create_plan, make_units, read_done, write_unit
 from pipelines.capfilt.decode import text_status
 from pipelines.capfilt.rows import SHARD_ERROR_KEY, UNIT_COLUMN, build_rows, empty_table
@@ -23,35 +23,8 @@ from pipelines.capfilt.stage import consume
 K = 2
 
 
-PIXELS = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
-
-
 def settings(tmp_path: Path | None = None, scorers: list | None = None, **over) -> C.Settings:
-    where = str(tmp_path or "/x")
-    base = dict(
-        round=1,
-        seed=0,
-        source="web",
-        captioner=C.ModelRef("blip", BlipCaptioner, where + "/cap", "c" * 16, PIXELS),
-        filter=C.ModelRef("blip_itm", BlipFilter, where + "/filt", "f" * 16, PIXELS),
-        num_samples=K,
-        method="nucleus",
-        top_p=0.9,
-        num_beams=3,
-        max_length=12,
-        min_length=3,
-        repetition_penalty=1.0,
-        prompt=None,
-        itm_threshold=0.5,
-        keep_top_k_synthetic=None,
-        max_text_chars=50,
-        model_batch_size=4,
-        amp="none",
-        use_gpu=False,
-        scorers=scorers or [],
-    )
-    base.update(over)
-    return C.Settings(**base)
+    return make_settings(str(tmp_path or "/x"), num_samples=K, scorers=scorers, **over)
 
 
 def scored(b: dict, itm: np.ndarray, itc: np.ndarray, **more: np.ndarray) -> dict:
