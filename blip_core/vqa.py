@@ -142,6 +142,7 @@ class BlipVQA(BlipBase):
                     eos_token_id=self.config.text.sep_token_id,
                     pad_token_id=self.config.text.pad_token_id,
                     context_mask=smask,
+                    beam_rule=self.config.beam_rule,  # the official VQA code answers with transformers 4.15's rule
                 )
             return [t.strip() for t in self.tokenizer.decode_batch(out[:, 1:].tolist())]
         return [answer_list[i] for i in self.rank_answers(states, smask, answer_list, k).tolist()]

@@ -250,6 +250,23 @@ def test_vqa_generated_answers_do_not_depend_on_the_batch(pretrained):
         assert all(isinstance(a, str) for a in batched)
 
 
+def test_vqa_generates_answers_by_the_models_beam_rule(pretrained, monkeypatch):
+    """An official VQA checkpoint answers with the official code's beam search (transformers 4.15's rule), as its
+    captioners caption with it: the head passes its config's rule to the search."""
+    import blip_core.vqa as vqa_module
+
+    seen = []
+    search = vqa_module.beam_search
+    monkeypatch.setattr(vqa_module, "beam_search", lambda *a, **kw: seen.append(kw["beam_rule"]) or search(*a, **kw))
+    vqa = BlipVQA.from_blip(pretrained).eval()
+    imgs = images(2, seed=3)
+    default = vqa.answer(imgs, QUESTIONS[:2], num_beams=3)
+    vqa.config = vqa.config.model_copy(update={"beam_rule": "transformers-4.15"})
+    official = vqa.answer(imgs, QUESTIONS[:2], num_beams=3)
+    assert seen == ["transformers", "transformers-4.15"]
+    assert all(isinstance(a, str) for a in default + official)
+
+
 WORDS = [
     "red",
     "green",
