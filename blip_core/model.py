@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bert import load_bert_into_med
 from .checkpoint import load_pretrained, save_pretrained
 from .config import BeamRule, BlipConfig
-from .convert import load_bert_into_med
 from .generation import beam_search, nucleus_sample
 from .med import MED
 from .registry import register_model

@@ -153,7 +153,7 @@ def build_model(
             raise ValueError("a model built from scratch needs a tokenizer")
         tok = load_tokenizer(tokenizer_spec)
         if bert_dir:
-            from blip_core.convert import text_config_from_bert
+            from blip_core.bert import text_config_from_bert
 
             with storage.local_copy(bert_dir) as path:
                 model = BlipModel(model_config(section, tok, job, text_config_from_bert(path)), tok)

@@ -6,6 +6,7 @@ CPU kernel may round a row by its position in the chunk: a score can move by ~1e
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ def score_column(column: str, j: int) -> str:
     return f"{column}__{j}"
 
 
-class ModelActor:
+class ModelActor(ABC):
     """Builds ``ref.cls`` once per actor on the pool's device and threads; drops pixel columns no later stage
     needs."""
 
@@ -56,8 +57,9 @@ class ModelActor:
         for chunk in fixed_chunks(ok, self.s.model_batch_size):
             yield chunk, to_tensor(px[chunk], self.ref.pixels, self.s.model_batch_size, self.device)
 
+    @abstractmethod
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
-        raise NotImplementedError
+        """The batch with this model's columns (or, for the filter, the output rows)."""
 
     def finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for c in self.drop:

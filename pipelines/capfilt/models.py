@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,25 +48,26 @@ class ModelRef:
     keep_below: float | None = None
 
 
-class Captioner:
+class Captioner(ABC):
     """K captions per image. Subclasses implement ``resolve`` (driver) and ``caption`` (actor)."""
 
     packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into the Parquet metadata
 
     @classmethod
+    @abstractmethod
     def resolve(cls, cfg: RunConfig, root: str, round: int) -> ModelRef:
-        raise NotImplementedError
+        """On the driver, before Ray starts: the checkpoint, its content id and the pixels it wants."""
 
     def __init__(self, ref: ModelRef, settings: Settings, device: Any):
         self.ref, self.settings, self.device = ref, settings, device
 
+    @abstractmethod
     def caption(self, images: Any, seeds: Sequence[int]) -> list[list[str]]:
         """``images``: normalised float [model_batch_size, 3, H, W] on the device (trailing rows are padding);
         ``seeds``: one per row. Returns ``num_samples`` captions for every row."""
-        raise NotImplementedError
 
 
-class Scorer:
+class Scorer(ABC):
     """Scores of each (image, text) pair; ``columns`` are the Parquet columns it fills, in order. The first is
     the one ``keep_above`` / ``keep_below`` apply to."""
 
@@ -73,17 +75,19 @@ class Scorer:
     packages: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
+    @abstractmethod
     def resolve(cls, cfg: RunConfig, root: str, round: int, section: ScorerConfig | None) -> ModelRef:
-        raise NotImplementedError
+        """On the driver, before Ray starts: what to load, its content id and the pixels it wants; ``section`` is
+        the scorer's ``capfilt.scorers.<name>`` (its own options in ``section.model_extra``)."""
 
     def __init__(self, ref: ModelRef, settings: Settings, device: Any):
         self.ref, self.settings, self.device = ref, settings, device
 
+    @abstractmethod
     def score(self, images: Any, texts: list[str], scored: list[bool]) -> dict[str, np.ndarray]:
         """``images`` as for ``Captioner.caption``; ``texts``: the 1 + K texts of each row, row after row (padding
         rows get "."); ``scored``: which texts are kept (a scorer may replace the others). Returns, per column, a
         float array [model_batch_size, 1 + K]."""
-        raise NotImplementedError
 
 
 CAPTIONERS: dict[str, type[Captioner]] = {}

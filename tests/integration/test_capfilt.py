@@ -551,35 +551,12 @@ def test_units_publish_and_are_recognised_on_s3(s3_root):
     import fsspec
     import numpy as np
 
-    from pipelines import capfilt as C
-
     out = f"{s3_root}/round=1/capfilt"
-    from pipelines.capfilt.blip import BlipCaptioner, BlipFilter
     from pipelines.capfilt.commit import load_or_create_plan, read_done, write_unit
     from pipelines.capfilt.rows import UNIT_COLUMN, build_rows
+    from tests.unit.capfilt_settings import make_settings
 
-    spec = C.PixelSpec("blip", 32, (0.5,) * 3, (0.25,) * 3)
-    s = C.Settings(
-        round=1,
-        seed=0,
-        source="web",
-        captioner=C.ModelRef("blip", BlipCaptioner, "c", "c" * 16, spec),
-        filter=C.ModelRef("blip_itm", BlipFilter, "f", "f" * 16, spec),
-        num_samples=1,
-        method="nucleus",
-        top_p=0.9,
-        num_beams=3,
-        max_length=20,
-        min_length=5,
-        repetition_penalty=1.0,
-        prompt=None,
-        itm_threshold=0.5,
-        keep_top_k_synthetic=None,
-        max_text_chars=100,
-        model_batch_size=8,
-        amp="none",
-        use_gpu=False,
-    )
+    s = make_settings("", num_samples=1, max_length=20, min_length=5, max_text_chars=100, model_batch_size=8)
     shards = [f"{s3_root}/ingest/web/{i:05d}.tar" for i in range(2)]
     plan = load_or_create_plan(out, shards, s, 1)
     b = {

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from blip_core import BlipConfig, BlipModel
-from blip_core.convert import load_bert_into_med, official_config, text_config_from_bert
+from blip_core.bert import load_bert_into_med, text_config_from_bert
+from blip_core.convert import official_config
 from blip_core.tokenizer import BlipTokenizer, minilm_dir
 
 ATOL = 1e-4

@@ -325,7 +325,7 @@ def test_human_set_defaults_to_the_world_and_needs_paths_without_one(tmp_path):
 def test_the_text_side_can_start_from_a_bert_directory():
     from safetensors.torch import load_file
 
-    from blip_core.convert import text_config_from_bert
+    from blip_core.bert import text_config_from_bert
     from blip_core.tokenizer import minilm_dir
     from pipelines.modeling import build_model, model_config
 
