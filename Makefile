@@ -11,14 +11,17 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test lint lock bench clean browser
+.PHONY: install demo test lint lock bench clean system
 
-install: $(STAMP) browser
+install: $(STAMP) system
 
-# Headless Chromium renders the HTML report in its test (Debian's package; needs root or sudo once).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+# Debian packages the tests need (root or sudo once): headless Chromium renders the HTML report in its test, a
+# Java runtime runs the README's Spark read in its test.
+system:
+	@{ command -v chromium >/dev/null 2>&1 && command -v java >/dev/null 2>&1; } || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium openjdk-17-jre-headless; }
 
 # torch and torchvision come first and pinned, so pip takes the wheels that lie on this machine's disk
 # instead of resolving a newer CUDA build. img2dataset drags in the `dataclasses` backport, which shadows the
