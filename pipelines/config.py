@@ -265,9 +265,13 @@ class CapfiltConfig(_Section):
     decode_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per shard read+decode task")
     decode_batch_rows: int = Field(64, ge=1, description="rows per block the decode task yields")
     decode_concurrency: int | None = Field(None, ge=1, description="max concurrent decode tasks; null: Ray's choice")
+    commit_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per unit commit task (reads and writes files)")
     shards_per_unit: int = Field(1, ge=1, description="shards per commit unit (one Parquet file each)")
     row_group_size: int = Field(32768, ge=1024, description="rows per Parquet row group")
     captioner_kind: str = Field("blip", description="registered captioner (pipelines/capfilt/models.py)")
+    filter_kind: str = Field(
+        "blip_itm", description="registered scorer that is the filter; its columns include itm_score (the keep rule)"
+    )
     scorers: dict[str, ScorerConfig] = Field(default_factory=dict, description="extra scorers by registered name")
     plugins: list[str] = Field(default_factory=list, description="modules that register captioners/scorers")
 

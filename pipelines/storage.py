@@ -74,8 +74,10 @@ def exists(url: str, **storage_options: Any) -> bool:
 
 def list_files(url: str, suffix: str = "", **storage_options: Any) -> list[str]:
     """Sorted URLs of the files directly under the directory ``url`` whose names end in ``suffix``; hidden
-    (``.``) and private (``_``) names are skipped, as Parquet readers skip them."""
+    (``.``) and private (``_``) names are skipped, as Parquet readers skip them. The listing is fresh (fsspec's
+    cached listings of object stores miss what other processes wrote)."""
     fs, path = filesystem(url, **storage_options)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))

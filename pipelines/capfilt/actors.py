@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from .fragments import shard_counts, write_fragments
 from .models import ModelRef
 from .pixels import to_tensor
 from .rows import build_rows
@@ -30,6 +31,14 @@ def texts_of(batch: dict[str, np.ndarray], i: int, k: int) -> list[tuple[str, bo
         t = str(batch[f"syn_{j}"][i])
         texts.append((t, bool(t.strip())))
     return texts
+
+
+def score_buffer(field: pa.Field, n: int, per: int) -> np.ndarray:
+    """A scorer column's values for ``n`` images x ``per`` texts: float32 NaN for a float column, zeros of the
+    column's own type for an integer one (exact: a 64-bit hash does not survive a float)."""
+    if pa.types.is_floating(field.type):
+        return np.full((n, per), np.nan, dtype=np.float32)
+    return np.zeros((n, per), dtype=field.type.to_pandas_dtype())
 
 
 def score_column(column: str, j: int) -> str:
@@ -85,29 +94,42 @@ class CaptionActor(ModelActor):
 
 class ScoreActor(ModelActor):
     """A scorer's columns for each of an image's 1 + K texts (NaN where a text is not scored). The last scorer
-    of the pipeline (the filter) also turns the batch into output rows."""
+    of the pipeline (the filter) also turns the batch into output rows: it returns them (``emit_rows``), or
+    writes them as staged fragments under ``write_to`` and returns only their counts per shard
+    (fragments.py)."""
 
     def __init__(
-        self, ref: ModelRef, settings: Settings, pool: dict, drop_columns: Sequence[str] = (), emit_rows: bool = False
+        self,
+        ref: ModelRef,
+        settings: Settings,
+        pool: dict,
+        drop_columns: Sequence[str] = (),
+        emit_rows: bool = False,
+        write_to: str | None = None,
     ):
         super().__init__(ref, settings, pool, drop_columns)
         self.emit_rows = emit_rows
+        self.write_to = write_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
         n, k, mb = len(batch["key"]), self.s.num_samples, self.s.model_batch_size
         per = 1 + k
-        out = {f.name: np.full((n, per), np.nan, dtype=np.float32) for f in self.ref.cls.columns}
+        out = {f.name: score_buffer(f, n, per) for f in self.ref.cls.columns}
         for chunk, images in self.chunks(batch):
             pairs = [p for i in chunk for p in texts_of(batch, i, k)]
             pairs += [(".", False)] * ((mb - len(chunk)) * per)
             scores = self.model.score(images, [t for t, _ in pairs], [ok for _, ok in pairs])
             scored = np.array([ok for _, ok in pairs[: len(chunk) * per]]).reshape(len(chunk), per)
             for name, values in scores.items():
-                values = np.asarray(values, dtype=np.float32)[: len(chunk)]
-                out[name][chunk] = np.where(scored, values, np.nan)
+                values = np.asarray(values, dtype=out[name].dtype)[: len(chunk)]
+                # integer columns (hashes, distances) have no NaN: rows.py nulls what is not scored by status
+                out[name][chunk] = np.where(scored, values, np.nan) if out[name].dtype == np.float32 else values
         for name, values in out.items():
             for j in range(per):
                 batch[score_column(name, j)] = values[:, j]
+        if self.write_to is not None:
+            write_fragments(self.write_to, build_rows(batch, self.s))
+            return shard_counts(batch)
         if self.emit_rows:
             return build_rows(batch, self.s)
         return self.finish(batch)

@@ -2,16 +2,20 @@
 
 Work is committed in *units* (``capfilt.shards_per_unit`` consecutive shards). The plan is fixed by the first run
 in ``_plan.json`` together with the fingerprint of everything that decides a row; a rerun with other settings or
-other shards is refused. A unit is published in two steps, each atomic (``storage.publish_bytes``):
+other shards is refused. The filter actors stage a unit's rows as fragments (fragments.py); once the driver has
+counted every sample of the unit's shards, a commit task on a worker (:func:`commit_unit`) gathers them, checks
+that each shard's samples are all there, and publishes the unit in two steps, each atomic
+(``storage.publish_bytes``):
 
   1. its rows, sorted by (shard, key, candidate with web first), as ``part-<shard>.parquet``;
-  2. then ``_done/<name>.json`` (rows, bytes, counts, fingerprint).
+  2. then ``_done/<name>.json`` (rows, bytes, counts, fingerprint);
 
-A unit is done iff its marker parses, matches the fingerprint and names a file of the recorded size. A rerun
-skips done units and recomputes the others (overwriting a file that lost its marker with identical rows). When
-every unit is done the directory is committed with ``storage.commit`` (the summary in ``_COMMITTED``). Killing
-the job at any moment therefore leaves each unit either absent, or present and identical to what an
-uninterrupted run writes: one row per (key, source, candidate), none duplicated, none missing.
+and then removes the unit's fragments. A unit is done iff its marker parses, matches the fingerprint and names a
+file of the recorded size. A rerun first removes every staged fragment (a killed run's), skips done units and
+recomputes the others (overwriting a file that lost its marker with identical rows). When every unit is done the
+directory is committed with ``storage.commit`` (the summary in ``_COMMITTED``) and the staging area removed.
+Killing the job, an actor or a node at any moment therefore leaves each unit either absent, or present and
+identical to what an uninterrupted run writes: one row per (key, source, candidate), none duplicated, none missing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +35,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..shards import shard_name
+from .fragments import gather, remove_staging
 from .models import CapfiltError
 from .rows import UNIT_COLUMN, describe_keep_rule, output_schema
 from .settings import Settings
@@ -127,6 +133,19 @@ def read_done(out: str, unit: Unit, fingerprint: dict) -> dict | None:
     return marker
 
 
+SUMMARY_KEYS = ("rows", "images", "by_source", "by_status", "shard_errors")
+
+
+def done_units(out: str, units: Sequence[Unit], fingerprint: dict, threads: int = 16) -> dict[int, dict]:
+    """The done units (index -> the parts of its marker the summary needs): one listing of ``_done/``, then the
+    markers that exist, read in parallel."""
+    listed = {storage.basename(u) for u in storage.list_files(storage.join(out, DONE_DIR), ".json")}
+    candidates = [u for u in units if f"{u.name}.json" in listed]
+    with ThreadPoolExecutor(threads) as pool:
+        markers = pool.map(lambda u: read_done(out, u, fingerprint), candidates)
+        return {u.index: {k: m.get(k) for k in SUMMARY_KEYS} for u, m in zip(candidates, markers) if m is not None}
+
+
 def counts(table: pa.Table) -> dict:
     """Rows, images, rows and kept rows by source, rows by status."""
     out: dict[str, Any] = {"rows": table.num_rows}
@@ -174,6 +193,23 @@ def write_unit(
     return marker
 
 
+def commit_unit(out: str, unit: Unit, settings: Settings, row_group_size: int, shards: dict[str, dict]) -> dict:
+    """Publish a unit from its staged fragments. ``shards`` maps each of its shard names to ``{"read": samples
+    the reader read, "error": why a truncated tar ended early, or None}``; a shard with fewer rows than samples
+    read means a fragment is missing: nothing is published and the unit stays to do."""
+    table = gather(out, unit.index, output_schema(settings))
+    web = table.filter(pc.equal(table["source"], "web"))
+    vc = pc.value_counts(web["shard"])
+    got = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+    short = {s: (got.get(s, 0), info["read"]) for s, info in shards.items() if got.get(s, 0) != info["read"]}
+    if short:
+        raise CapfiltError(f"unit {unit.name}: staged images (found, read) per shard {short}; nothing was published")
+    errors = [{"shard": s, "error": info["error"]} for s, info in shards.items() if info["error"] is not None]
+    marker = write_unit(out, unit, table, settings, row_group_size, errors)
+    remove_staging(out, unit.index)
+    return marker
+
+
 def summarize(plan: Plan, done: dict[int, dict]) -> dict:
     """The stage summary from the units' markers (stored in ``_COMMITTED``)."""
     total: dict[str, Any] = {
@@ -195,5 +231,5 @@ def summarize(plan: Plan, done: dict[int, dict]) -> dict:
             total["by_source"][src]["kept"] += c["kept"]
         for st, c in m.get("by_status", {}).items():
             total["by_status"][st] = total["by_status"].get(st, 0) + c
-        total["shard_errors"] += m.get("shard_errors", [])
+        total["shard_errors"] += m.get("shard_errors") or []
     return total

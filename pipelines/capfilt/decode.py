@@ -1,7 +1,8 @@
 """Read + decode, on CPU: one Ray read task per shard reads the tar front to back (one GET on an object store)
 and yields blocks of decoded rows, each model's pixels resized to uint8 once. An image that is missing or cannot
-be decoded keeps a status; a text that is empty or too long keeps a status; a shard whose tar is truncated
-yields the rows before the break and one internal row that reports it."""
+be decoded keeps a status; a text that is empty or too long keeps a status. Every shard ends with one internal
+end row (rows.py) that says how many samples were read and, for a truncated tar, where and why it broke: the
+writers and the driver know from it when a shard's rows are all there (stage.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..shards import ShardSample, iter_shard, shard_name
 from .pixels import pil_transform
-from .rows import SHARD_ERROR_KEY, UNIT_COLUMN
+from .rows import SHARD_END, SHARD_READ_COLUMN, UNIT_COLUMN
 from .settings import Settings, image_seed
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ShardDecoder:
         n = len(samples)
         out: dict[str, Any] = {
             UNIT_COLUMN: np.full(n, unit, dtype=np.int32),
+            SHARD_READ_COLUMN: np.full(n, -1, dtype=np.int32),
             "shard": np.array([shard] * n, dtype=object),
             "key": np.array([s.key for s in samples], dtype=object),
             "url": np.array([s.meta.get("url") if isinstance(s.meta, dict) else None for s in samples], dtype=object),
@@ -83,6 +85,7 @@ class ShardDecoder:
         samples = iter_shard(shard_url)
         pending: list = []
         read = 0
+        error = None
         while True:
             try:
                 sample = next(samples)
@@ -90,10 +93,7 @@ class ShardDecoder:
                 break
             except Exception as e:  # noqa: BLE001 - a broken tar: keep what was read, report the break
                 log.warning("shard %s is broken after %d samples: %s", shard_url, read, e)
-                if pending:
-                    yield self.decode_rows(pending, name, unit)
-                    pending = []
-                yield self.shard_error(name, unit, f"after {read} samples: {type(e).__name__}: {e}")
+                error = f"after {read} samples: {type(e).__name__}: {e}"
                 break
             read += 1
             pending.append(sample)
@@ -102,11 +102,13 @@ class ShardDecoder:
                 pending = []
         if pending:
             yield self.decode_rows(pending, name, unit)
+        yield self.shard_end(name, unit, read, error)
 
-    def shard_error(self, shard: str, unit: int, message: str) -> dict[str, np.ndarray]:
-        row = self.decode_rows([ShardSample(key=SHARD_ERROR_KEY, image=None, text="", meta={})], shard, unit)
-        row["error"] = np.array([message[:1000]], dtype=object)
-        row["image_status"] = np.array(["shard_error"], dtype=object)
+    def shard_end(self, shard: str, unit: int, read: int, error: str | None) -> dict[str, np.ndarray]:
+        row = self.decode_rows([ShardSample(key=f"__end_of_{shard}__", image=None, text="", meta={})], shard, unit)
+        row[SHARD_READ_COLUMN] = np.array([read], dtype=np.int32)
+        row["error"] = np.array([None if error is None else error[:1000]], dtype=object)
+        row["image_status"] = np.array([SHARD_END], dtype=object)
         return row
 
 

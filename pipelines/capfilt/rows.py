@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 STATUSES = ("ok", "corrupt_image", "missing_image", "empty_text", "text_too_long")
 UNIT_COLUMN = "_unit"  # internal: the commit unit of a row, never written
-SHARD_ERROR_KEY = "__shard_error__"  # an internal row: a truncated tar, reported by the reader, never written
+# Internal, never written: the reader ends each shard with one row of status SHARD_END, whose SHARD_READ_COLUMN
+# holds the number of samples it read (-1 on every other row) and whose ``error`` says why a broken tar ended early.
+SHARD_END = "shard_end"
+SHARD_READ_COLUMN = "_shard_read"
 
 BASE_SCHEMA = pa.schema(
     [
@@ -134,7 +137,9 @@ def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
         image_status = str(batch["image_status"][i])
         err = batch["error"][i]
         err = None if err is None else str(err)
-        if image_status != "ok":  # missing, corrupt (or the reader's shard_error row): the web row only
+        if image_status == SHARD_END:  # the reader's end-of-shard row: not a sample
+            continue
+        if image_status != "ok":  # missing or corrupt: the web row only
             add(i, str(batch["text"][i]), "web", None, 0, image_status, err, int(batch["text_length"][i]))
             continue
         add(i, str(batch["text"][i]), "web", None, 0, str(batch["text_status"][i]), None, int(batch["text_length"][i]))

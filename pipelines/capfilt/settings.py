@@ -13,7 +13,7 @@ from .models import CapfiltError, ModelRef, captioner_class, import_plugins, sco
 from .pixels import PixelSpec
 
 SCHEMA_VERSION = 1
-FILTER = "blip_itm"  # the scorer whose ITM P(match) is CapFilt's keep rule; it always runs
+FILTER = "blip_itm"  # the default filter: the scorer whose ITM P(match) is CapFilt's keep rule; it always runs
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Settings:
         }
         if self.captioner.kind != "blip":
             fp["captioner_kind"] = self.captioner.kind
+        if self.filter.kind != FILTER:
+            fp["filter_kind"] = self.filter.kind
         others = [s for s in self.scorers if s.kind != "clip"]
         if others or (clip and (clip.keep_above, clip.keep_below) != (None, None)):
             fp["scorers"] = {
@@ -136,12 +138,15 @@ def resolve_settings(cfg: RunConfig, root: str, round: int, *, use_gpu: bool | N
     without Ray: a bad checkpoint path fails before the cluster starts."""
     cc = cfg.capfilt
     import_plugins(cc.plugins)
-    if FILTER in cc.scorers:
+    if cc.filter_kind in cc.scorers:
         raise CapfiltError(
-            f"capfilt.scorers.{FILTER}: the filter always runs; set capfilt.filter and capfilt.itm_threshold instead"
+            f"capfilt.scorers.{cc.filter_kind}: the filter always runs; set capfilt.filter and capfilt.itm_threshold "
+            "instead"
         )
     captioner = captioner_class(cc.captioner_kind).resolve(cfg, root, round)
-    filt = scorer_class(FILTER).resolve(cfg, root, round, None)
+    filt = scorer_class(cc.filter_kind).resolve(cfg, root, round, None)
+    if "itm_score" not in [f.name for f in filt.cls.columns]:
+        raise CapfiltError(f"capfilt.filter_kind {cc.filter_kind!r} has no itm_score column: it cannot be the filter")
     scorers = []
     for name, section in cc.scorers.items():
         if section.enabled:

@@ -6,15 +6,20 @@ a Ray Data pipeline that writes the CapFilt Parquet (docs/DESIGN.md)::
            --(one actor pool per extra scorer, e.g. CLIP)-->
            --(filter actor pool: ITM P(match) and ITC cosine of the web text and each synthetic text,
               each image encoded once for all its 1 + K texts; keep decisions, rows.py)--> rows
-           --(driver: rows of one commit unit -> one Parquet file, published atomically, then a done marker)
+           --(the filter actors write the rows as staged fragments, fragments.py; Ray Data carries back only
+              counts per shard)--> driver: adds up the counts (tracker.py); a unit whose samples are all staged
+              gets a commit task on a worker, which publishes its Parquet file and done marker (commit.py)
 
 Determinism. A caption depends only on its image, the checkpoint and a per-image seed derived from (run seed,
 key); a score depends only on (image, text) up to the last bits (actors.py). Changing ``model_batch_size``, the
 device or the torch thread count may change scores in the last bits; a caption only if a sampling draw falls
 within that difference of a boundary.
 
-Exactly once (commit.py). The dataset runs with ``preserve_order``, so the driver receives the rows of unit u,
-then of unit u+1, ...; when the next unit starts (or the stream ends), unit u is complete and is published.
+No driver funnel. Rows never travel to the driver and the dataset runs unordered: a slow shard holds back its own
+unit only. The driver holds a few numbers per open shard and one marker per unit: its memory and CPU do not grow
+with rows. Exactly once (commit.py): a unit is published only when every sample of its shards is staged, by one
+task, atomically; a batch retried after an actor or a node died stages the same rows again and the commit keeps
+one of each.
 """
 
 from __future__ import annotations
@@ -24,20 +29,19 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import Any
 
 from .. import storage
 from ..config import ActorPool, RunConfig
 from ..shards import list_shards
 from .actors import CaptionActor, ScoreActor
-from .commit import Plan, Unit, load_or_create_plan, read_done, summarize, write_unit
+from .commit import SUMMARY_KEYS, Plan, Unit, commit_unit, done_units, load_or_create_plan, summarize
 from .decode import shard_datasource
+from .fragments import remove_staging
 from .models import CapfiltError, ModelRef, ship_plugins
-from .rows import SHARD_ERROR_KEY, UNIT_COLUMN, describe_keep_rule, empty_table
+from .rows import describe_keep_rule
 from .settings import Settings, resolve_settings
+from .tracker import UnitTracker
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +56,23 @@ def _num_gpus(pool: ActorPool, use_gpu: bool) -> float:
     return 1.0 if use_gpu else 0.0
 
 
-def model_stages(settings: Settings, cfg: RunConfig) -> list[tuple[type, ModelRef, ActorPool, dict]]:
+def model_stages(settings: Settings, cfg: RunConfig, out: str) -> list[tuple[type, ModelRef, ActorPool, dict]]:
     """(actor class, model, pool, extra constructor arguments) in pipeline order: captioner, extra scorers,
-    filter. Each stage drops the pixel columns no later stage reads; the filter emits the output rows."""
+    filter. Each stage drops the pixel columns no later stage reads; the filter stages the output rows under
+    ``out``."""
     cc = cfg.capfilt
     stages: list[tuple[type, ModelRef, ActorPool, dict]] = [(CaptionActor, settings.captioner, cc.captioner_pool, {})]
     stages += [(ScoreActor, ref, cc.scorers[ref.kind].pool, {}) for ref in settings.scorers]
-    stages.append((ScoreActor, settings.filter, cc.filter_pool, {"emit_rows": True}))
+    stages.append((ScoreActor, settings.filter, cc.filter_pool, {"write_to": out}))
     for pos, (_, ref, _, extra) in enumerate(stages[:-1]):
         later = {r.pixels.column for _, r, _, _ in stages[pos + 1 :]}
         extra["drop_columns"] = [ref.pixels.column] if ref.pixels.column not in later else []
     return stages
 
 
-def build_dataset(units: Sequence[Unit], settings: Settings, cfg: RunConfig):
-    """The Ray Dataset of output rows (pyarrow blocks, with the internal ``_unit`` column), in unit order."""
+def build_dataset(units: Sequence[Unit], settings: Settings, cfg: RunConfig, out: str):
+    """The Ray Dataset of the run: read, caption, score; its filter actors stage the rows under ``out`` and
+    yield their counts per shard (fragments.COUNTS_SCHEMA)."""
     import ray.data
 
     cc = cfg.capfilt
@@ -77,7 +83,7 @@ def build_dataset(units: Sequence[Unit], settings: Settings, cfg: RunConfig):
         concurrency=cc.decode_concurrency,
         override_num_blocks=len(items),
     )
-    for actor, ref, pool, extra in model_stages(settings, cfg):
+    for actor, ref, pool, extra in model_stages(settings, cfg, out):
         ds = ds.map_batches(
             actor,
             fn_constructor_args=(ref, settings, pool.model_dump()),
@@ -96,70 +102,59 @@ def check_resources(settings: Settings, cfg: RunConfig) -> None:
     import ray
 
     cc = cfg.capfilt
-    pools = [pool for _, _, pool, _ in model_stages(settings, cfg)]
+    pools = [pool for _, _, pool, _ in model_stages(settings, cfg, "")]
     total = ray.cluster_resources()
     actor_cpus = sum(p.actors * p.num_cpus for p in pools)
-    if actor_cpus + cc.decode_num_cpus > total.get("CPU", 0) + 1e-9:
+    tasks = cc.decode_num_cpus + cc.commit_num_cpus
+    if actor_cpus + tasks > total.get("CPU", 0) + 1e-9:
         raise CapfiltError(
-            f"the actor pools reserve {actor_cpus:g} CPUs and a decode task needs {cc.decode_num_cpus:g}, but the "
-            f"Ray cluster has {total.get('CPU', 0):g}: lower capfilt.*_pool.num_cpus / actors or "
-            "capfilt.decode_num_cpus"
+            f"the actor pools reserve {actor_cpus:g} CPUs and a decode and a commit task need {tasks:g}, but the "
+            f"Ray cluster has {total.get('CPU', 0):g}: lower capfilt.*_pool.num_cpus / actors, "
+            "capfilt.decode_num_cpus or capfilt.commit_num_cpus"
         )
     gpus = sum(p.actors * _num_gpus(p, settings.use_gpu) for p in pools)
     if gpus > total.get("GPU", 0) + 1e-9:
         raise CapfiltError(f"the actor pools ask for {gpus:g} GPUs; the Ray cluster has {total.get('GPU', 0):g}")
 
 
-def _runs(units_col: np.ndarray) -> list[tuple[int, int, int]]:
-    """(unit, start, stop) for each run of equal values."""
-    if len(units_col) == 0:
-        return []
-    cut = np.flatnonzero(np.diff(units_col)) + 1
-    starts = np.concatenate([[0], cut])
-    stops = np.concatenate([cut, [len(units_col)]])
-    return [(int(units_col[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+def stream_units(
+    ds,
+    todo: Sequence[Unit],
+    commit: Callable[[Unit, dict[str, dict]], Any],
+    on_commit: Callable[[Unit, dict], None],
+) -> None:
+    """Run the dataset, hand each unit to ``commit(unit, shards)`` (which returns a Ray ObjectRef of the unit's
+    marker) as soon as its samples are all staged, and call ``on_commit(unit, marker)`` as the commits finish.
+    Raises when the stream ends with units incomplete; units committed until then stay committed."""
+    import ray
 
+    tracker = UnitTracker(todo)
+    pending: dict[Any, Unit] = {}
 
-def consume(ds, todo: Sequence[Unit], write: Callable[[Unit, pa.Table, list[dict]], None], empty: pa.Table) -> None:
-    """Stream the dataset's rows (in unit order) and call ``write(unit, table, shard_errors)`` for each unit of
-    ``todo`` as soon as the next one starts (units without rows get ``empty``)."""
-    order = {u.index: pos for pos, u in enumerate(todo)}
-    pos = 0  # the position in todo of the unit being collected
-    parts: list[pa.Table] = []
+    def reap(wait_all: bool) -> None:
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=None if wait_all else 0)
+        for ref in ready:
+            on_commit(pending.pop(ref), ray.get(ref))
 
-    def flush_until(target: int) -> None:
-        nonlocal pos, parts
-        while pos < target:
-            unit = todo[pos]
-            table = pa.concat_tables(parts) if parts else empty
-            errors = []
-            if table.num_rows and UNIT_COLUMN in table.column_names:
-                is_err = pc.equal(table["key"], SHARD_ERROR_KEY)
-                if pc.any(is_err).as_py():
-                    errs = table.filter(is_err)
-                    errors = [
-                        {"shard": s, "error": e} for s, e in zip(errs["shard"].to_pylist(), errs["error"].to_pylist())
-                    ]
-                    table = table.filter(pc.invert(is_err))
-            write(unit, table, errors)
-            parts = []
-            pos += 1
-
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        for u, a, b in _runs(block[UNIT_COLUMN].to_numpy()):
-            p = order.get(u)
-            if p is None or p < pos:
-                raise CapfiltError(f"rows of unit {u} arrived out of order; nothing of it was written")
-            flush_until(p)
-            parts.append(block.slice(a, b - a))
-    flush_until(len(todo))
+    try:
+        for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            for unit in tracker.add(counts):
+                pending[commit(unit, tracker.take(unit))] = unit
+            reap(wait_all=False)
+    finally:
+        reap(wait_all=True)
+    incomplete = tracker.incomplete()
+    if incomplete:
+        raise CapfiltError(f"the run ended with units whose samples were not all staged: {incomplete}")
 
 
 def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
     """``capfilt caption-filter``: caption and filter every ingested image into ``<root>/round=K/capfilt/``.
 
-    One job per round directory at a time (the driver is the only writer). Returns the stage summary (also
-    stored in the directory's ``_COMMITTED``)."""
+    One job per round directory at a time. Returns the stage summary (also stored in the directory's
+    ``_COMMITTED``)."""
     out = capfilt_dir(root, round)
     if storage.is_committed(out):
         log.info("capfilt %s already committed; nothing to do", out)
@@ -177,7 +172,7 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
     # not part of them (it is not part of the fingerprint either): it is decided once Ray is up.
     settings = resolve_settings(cfg, root, round, use_gpu=False)
     plan = load_or_create_plan(out, shard_urls, settings, cc.shards_per_unit)
-    done = {u.index: m for u in plan.units if (m := read_done(out, u, plan.fingerprint)) is not None}
+    done = done_units(out, plan.units, plan.fingerprint)
     todo = [u for u in plan.units if u.index not in done]
     log.info(
         "capfilt round %d: %d shards in %d units, %d already committed, %d to do -> %s",
@@ -197,14 +192,15 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
         use_gpu = cc.use_gpu if cc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         settings.use_gpu = bool(use_gpu)
         check_resources(settings, cfg)
-        ctx = ray.data.DataContext.get_current()
-        saved = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True
+        remove_staging(out)  # a killed run's fragments: their units are recomputed whole
+        commit_task = ray.remote(commit_unit).options(num_cpus=cc.commit_num_cpus, max_retries=3)
         started = time.time()
 
-        def write(unit: Unit, table: pa.Table, errors: list[dict]) -> None:
-            marker = write_unit(out, unit, table, settings, cc.row_group_size, errors)
-            done[unit.index] = marker
+        def commit(unit: Unit, shards: dict[str, dict]):
+            return commit_task.remote(out, unit, settings, cc.row_group_size, shards)
+
+        def on_commit(unit: Unit, marker: dict) -> None:
+            done[unit.index] = {k: marker[k] for k in SUMMARY_KEYS}
             this_run["units"] += 1
             this_run["images"] += marker["images"]
             this_run["rows"] += marker["rows"]
@@ -219,16 +215,14 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
                 this_run["images"],
                 el,
                 this_run["images"] / el if el > 0 else 0.0,
-                f"; broken shards: {errors}" if errors else "",
+                f"; broken shards: {marker['shard_errors']}" if marker["shard_errors"] else "",
             )
 
-        try:
-            consume(build_dataset(todo, settings, cfg), todo, write, empty_table(settings))
-        finally:
-            ctx.execution_options.preserve_order = saved
+        stream_units(build_dataset(todo, settings, cfg, out), todo, commit, on_commit)
         this_run["seconds"] = builtins.round(time.time() - started, 3)
         this_run["images_per_second"] = builtins.round(this_run["images"] / max(this_run["seconds"], 1e-9), 2)
     summary = _summary(plan, done, settings, this_run, time.time() - t0)
+    remove_staging(out)  # fragments a retried batch staged after its unit's commit
     storage.commit(out, summary)
     log.info(
         "capfilt committed at %s: %d images, %d rows; web kept %d/%d, synthetic kept %d/%d",

@@ -1,4 +1,4 @@
-"""The CapFilt stage's pure parts, without Ray: keep decisions and statuses, unit order and publication, the plan,
+"""The CapFilt stage's pure parts, without Ray: keep decisions and statuses, unit tracking, staging and publication, the plan,
 and the fixed-shape model calls that make captions and scores independent of batch composition."""
 
 from __future__ import annotations
@@ -15,10 +15,19 @@ from capfilt_settings import make_settings
 from blip_core import BlipConfig, BlipModel, BlipTokenizer
 from pipelines import capfilt as C
 from pipelines.capfilt.actors import CaptionActor, ScoreActor
-from pipelines.capfilt.commit import load_or_create_plan, make_units, read_done, write_unit
+from pipelines.capfilt.commit import (
+    SUMMARY_KEYS,
+    commit_unit,
+    done_units,
+    load_or_create_plan,
+    make_units,
+    read_done,
+    write_unit,
+)
 from pipelines.capfilt.decode import text_status
-from pipelines.capfilt.rows import SHARD_ERROR_KEY, UNIT_COLUMN, build_rows, empty_table
-from pipelines.capfilt.stage import consume
+from pipelines.capfilt.fragments import shard_counts, write_fragments
+from pipelines.capfilt.rows import SHARD_END, SHARD_READ_COLUMN, UNIT_COLUMN, build_rows
+from pipelines.capfilt.tracker import UnitTracker
 
 K = 2
 
@@ -38,6 +47,7 @@ def scored(b: dict, itm: np.ndarray, itc: np.ndarray, **more: np.ndarray) -> dic
 def batch(n: int, **cols) -> dict:
     b = {
         UNIT_COLUMN: np.zeros(n, np.int32),
+        SHARD_READ_COLUMN: np.full(n, -1, np.int32),
         "shard": np.array(["00000"] * n, dtype=object),
         "key": np.array([f"k{i}" for i in range(n)], dtype=object),
         "url": np.array([None] * n, dtype=object),
@@ -119,46 +129,70 @@ def test_units_are_named_after_their_shards():
     ]
 
 
-class _FakeDataset:
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def iter_batches(self, **_):
-        yield from self.blocks
-
-
 def _rows(unit: int, keys: list[str], shard: str = "00000", **cols) -> pa.Table:
+    return build_rows(_scored_batch(unit, keys, shard, **cols), settings())
+
+
+def _scored_batch(unit: int, keys: list[str], shard: str = "00000", **cols) -> dict:
     n = len(keys)
     b = batch(n, key=np.array(keys, dtype=object), shard=np.array([shard] * n, dtype=object), **cols)
     b[UNIT_COLUMN] = np.full(n, unit, np.int32)
     z = np.full((n, 1 + K), 0.9, dtype=np.float32)
-    return build_rows(scored(b, z, z), settings())
+    return scored(b, z, z)
 
 
-def test_consume_publishes_each_unit_when_the_next_starts_with_empty_units_and_shard_errors():
-    todo = make_units([f"/r/{i:05d}.tar" for i in range(4)], 1)
-    # what the reader sends after a truncated tar: one row, never written, reported in the unit's marker
-    broken = _rows(
-        0,
-        [SHARD_ERROR_KEY],
-        image_status=np.array(["shard_error"], dtype=object),
-        error=np.array(["after 2 samples: ReadError"], dtype=object),
+def _end(unit: int, shard: str, read: int, error: str | None = None) -> dict:
+    """The reader's end row of a shard (decode.py), as the filter sees it."""
+    return _scored_batch(
+        unit,
+        [f"__end_of_{shard}__"],
+        shard,
+        image_status=np.array([SHARD_END], dtype=object),
+        error=np.array([error], dtype=object),
+        **{SHARD_READ_COLUMN: np.array([read], np.int32)},
     )
-    mixed = pa.concat_tables([_rows(0, ["a", "b"]), broken, _rows(2, ["c"])])
-    written = []
-    consume(
-        _FakeDataset([_rows(0, ["z"]), mixed]),
-        todo,
-        lambda u, t, e: written.append((u.index, t.num_rows, [x["error"] for x in e])),
-        empty_table(settings()),
-    )
-    assert written == [(0, 3 * (1 + K), ["after 2 samples: ReadError"]), (1, 0, []), (2, 1 + K, []), (3, 0, [])]
 
 
-def test_consume_refuses_rows_out_of_unit_order():
-    todo = make_units([f"/r/{i:05d}.tar" for i in range(2)], 1)
-    with pytest.raises(C.CapfiltError, match="out of order"):
-        consume(_FakeDataset([_rows(1, ["a"]), _rows(0, ["b"])]), todo, lambda *a: None, empty_table(settings()))
+def _cat(*batches: dict) -> dict:
+    return {c: np.concatenate([b[c] for b in batches]) for c in batches[0]}
+
+
+def test_a_unit_is_complete_when_every_sample_of_its_shards_is_counted_in_any_order():
+    units = make_units([f"/r/{i:05d}.tar" for i in range(4)], 2)  # units 0: 00000+00001, 1: 00002+00003
+    tracker = UnitTracker(units)
+    assert tracker.add(shard_counts(_scored_batch(0, ["a", "b"], "00000"))) == []
+    # the end row of 00000 (3 samples) arrives before its last sample; 00001 is empty
+    assert tracker.add(shard_counts(_cat(_end(0, "00000", 3), _end(0, "00001", 0), _end(1, "00002", 0)))) == []
+    assert tracker.add(shard_counts(_scored_batch(0, ["c"], "00000"))) == [units[0]]
+    assert tracker.take(units[0]) == {"00000": {"read": 3, "error": None}, "00001": {"read": 0, "error": None}}
+    # a retried batch of a committed unit changes nothing
+    assert tracker.add(shard_counts(_scored_batch(0, ["c"], "00000"))) == []
+    assert tracker.incomplete() == {"part-00002_00003": ["00003"]}
+    broken = _end(1, "00003", 1, "after 1 samples: ReadError")
+    assert tracker.add(shard_counts(_cat(_scored_batch(1, ["d"], "00003"), broken))) == [units[1]]
+    assert tracker.take(units[1])["00003"] == {"read": 1, "error": "after 1 samples: ReadError"}
+    assert tracker.incomplete() == {}
+
+
+def test_a_retried_batch_stages_its_rows_again_and_the_commit_keeps_one_of_each(tmp_path):
+    out = str(tmp_path / "capfilt")
+    s = settings()
+    unit = make_units(["/r/00000.tar", "/r/00001.tar"], 2)[0]
+    first = _cat(_scored_batch(0, ["b", "a"], "00000"), _end(0, "00000", 3))
+    write_fragments(out, build_rows(first, s))
+    write_fragments(out, build_rows(first, s))  # the same batch, retried after its actor died
+    shards = {"00000": {"read": 3, "error": None}, "00001": {"read": 0, "error": "after 0 samples: ReadError"}}
+    with pytest.raises(C.CapfiltError, match="found, read"):
+        commit_unit(out, unit, s, 1024, shards)  # key "c" of 00000 is not staged yet: nothing is published
+    assert read_done(out, unit, s.fingerprint()) is None
+    write_fragments(out, build_rows(_scored_batch(0, ["c"], "00000"), s))
+    marker = commit_unit(out, unit, s, 1024, shards)
+    assert (marker["images"], marker["rows"]) == (3, 3 * (1 + K))
+    assert marker["shard_errors"] == [{"shard": "00001", "error": "after 0 samples: ReadError"}]
+    table = pa.parquet.read_table(tmp_path / "capfilt" / unit.file)
+    assert table["key"].to_pylist() == [k for k in "abc" for _ in range(1 + K)]
+    assert not (tmp_path / "capfilt" / "_staging" / "00000000").exists()
+    assert done_units(out, [unit], s.fingerprint()) == {0: {k: marker[k] for k in SUMMARY_KEYS}}
 
 
 def test_a_unit_is_done_only_with_its_marker_its_file_and_the_same_fingerprint(tmp_path):
