@@ -5,7 +5,9 @@ Runs the whole bootstrap flow (`capfilt bootstrap`) on a world with the given se
 pre-trains on the human set + raw web data, the captioner and filter are fine-tuned, CapFilt runs, round 2
 pre-trains from scratch on the bootstrapped data, and both rounds are evaluated with the same protocol on the
 held-out test set. Then it reads the committed outputs and the world's ground truth, prints one table with the
-targets beside the measurements, and writes the figures as JSON.
+targets beside the measurements, and writes the figures as JSON. A world with injected copies and a run with the
+phash scorer (``flows/configs/full.yaml``) also gets duplicate and test-set-leak precision and recall against the
+world's ``truth/copies.parquet``.
 
 Then the paper's cheap ablations (``--no-ablations`` skips them), each reusing round 1's committed pre-trained
 model and rerunning only what it changes, under its own run root (``<root>-ablations/<variant>``, which links the
@@ -40,7 +42,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import load_config
-from pipelines.summary import filter_agreement
+from pipelines.summary import copies_vs_truth, filter_agreement
 from pipelines.world import caption_attribute_accuracy
 
 CAPFILT = str(Path(sys.executable).parent / "capfilt")
@@ -120,6 +122,7 @@ def collect(config: str, root: str, seconds: float, sets: list[str] | None = Non
         "recall_by_noise_type": {t: v["recall"] for t, v in agreement["by_noise_type"].items()},
         "captioner_attribute_accuracy": synthetic_caption_accuracy(capfilt_url, truth),
         "dataset": storage.read_json(storage.join(rr.round(1, "dataset"), "summary.json")),
+        "copies": copies_vs_truth(cfg, rr, capfilt_url),
         **rounds,
     }
 
@@ -143,6 +146,13 @@ def table(r: dict) -> str:
         + ", ".join(f"{t} {v:.2f}" for t, v in r["recall_by_noise_type"].items()),
         f"captioner attribute accuracy (synthetic captions of the web images): {r['captioner_attribute_accuracy']:.1f}%",
     ]
+    for name in ("duplicates", "leaks") if r.get("copies") else ():
+        x = r["copies"][name]
+        lines.append(
+            f"{name} (phash within {x['distance']} bits) vs the world's {x['true']} injected: flagged {x['flagged']}, "
+            f"precision {x['precision']:.3f}, recall {x['recall']:.3f}; recall by transform: "
+            + ", ".join(f"{t} {v:.2f}" for t, v in x["recall_by_transform"].items())
+        )
     for k in ("round1", "round2"):
         m = r[k]
         ret = m["retrieval"]

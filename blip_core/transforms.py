@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
@@ -43,13 +45,26 @@ GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
 class CorruptImageError(ValueError):
-    """Bytes that are not a decodable image: readers skip and count these rather than crash a stage."""
+    """Bytes that are not a decodable image: readers skip and count these rather than crash a stage.
+
+    ``reason`` is the decoder's complaint alone, the same for every file that fails the same way (to count them by).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Fully decode ``data`` into an RGB PIL image, or raise CorruptImageError saying why.
+    """Fully decode ``data`` into an upright 8-bit RGB PIL image, or raise CorruptImageError saying why.
 
-    ``load()`` forces the whole decode so that a truncated JPEG fails here, not later inside a transform.
+    Every photograph lands as a viewer shows it: the EXIF orientation is applied (phones store portraits as
+    landscape pixels plus a tag); 16-bit and 32-bit samples (PNG/TIFF modes ``I;16``, ``I``, ``F``) are scaled to
+    8 bits instead of clipped; transparency (RGBA, LA, PA, a palette's transparent index) is composited on white,
+    as img2dataset does at ingestion; CMYK, YCbCr, 1-bit, grayscale and palette images are converted to RGB; an
+    animated GIF or WebP, or a multi-page TIFF, gives its first frame. ``load()`` forces the whole decode so that a
+    truncated JPEG fails here, not later inside a transform; a decompression bomb (over twice PIL's
+    ``MAX_IMAGE_PIXELS``, ~179 MP) is refused.
     """
     if not data:
         raise CorruptImageError("empty image data (0 bytes)")
@@ -58,12 +73,44 @@ def decode_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # avoids PIL's palette-transparency warning on the RGB conversion
-        return img.convert("RGB")
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        reason = re.sub(r" <[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))  # PIL names its file object by address
         head = data[:16]
-        raise CorruptImageError(f"cannot decode image ({len(data)} bytes, starts {head!r}): {err}") from None
+        raise CorruptImageError(f"cannot decode image ({len(data)} bytes, starts {head!r}): {reason}", reason) from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image (``I;16*``, ``I``, ``F``) scaled to mode ``L``. 16-bit samples map 65535 to
+    255; ``I`` and ``F`` hold whatever their file stored, so their range decides: values within 0..1 (float) are
+    fractions, within 0..255 already 8-bit, within 0..65535 16-bit, anything else is stretched min..max."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scale, low = 255 / 65535, 0.0
+    else:
+        low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if low >= 0 and high <= 1 and img.mode == "F":
+            scale, low = 255.0, 0.0
+        elif low >= 0 and high <= 255:
+            scale, low = 1.0, 0.0
+        elif low >= 0 and high <= 65535:
+            scale, low = 255 / 65535, 0.0
+        else:
+            scale = 255 / (high - low) if high > low else 0.0
+    return Image.fromarray(np.clip(np.rint((a - low) * scale), 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # no copy of a decoded RGB picture
 
 
 class RandomAugment:

@@ -1,16 +1,20 @@
-"""The Prefect flow ``capfilt``: BLIP's bootstrapping loop over the pipeline stages.
+"""The Prefect flow ``capfilt``: BLIP's bootstrapping loop over the pipeline stages, or curation with given models.
 
-synth or ingest -> pre-train round k -> fine-tune captioner and filter -> CapFilt -> assemble -> pre-train
-round k+1 -> ... for ``flow.rounds`` rounds; then evaluate every round's model and write each round's HTML
-report. Every stage skips committed work, so a rerun of a
-failed flow resumes where it stopped; the logic lives in ``pipelines``, this module only orchestrates.
+``flow.mode: bootstrap`` (the default): synth or ingest -> pre-train round k -> fine-tune captioner and filter ->
+CapFilt -> assemble -> pre-train round k+1 -> ... for ``flow.rounds`` rounds; then evaluate every pre-trained
+round's model and write each round's HTML report. Round 1's pre-training is skipped when both fine-tunes start
+from given checkpoints (``RunConfig.pretrained_rounds``). ``flow.mode: curate``: ingest -> CapFilt -> assemble ->
+report with ``capfilt.captioner`` and ``capfilt.filter`` (released BLIP checkpoints), no training. The ``mode``
+parameter (``capfilt curate``, ``prefect deployment run capfilt/bootstrap -p mode=curate``) overrides the config's.
+Every stage skips committed work, so a rerun of a failed flow resumes where it stopped; the logic lives in
+``pipelines``, this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -103,20 +107,10 @@ def _finetune_concurrently(cfg: RunConfig) -> bool:
     return have.get("GPU", 0) >= gpus and have.get("CPU", 0) >= cpus
 
 
-@flow(name="capfilt", log_prints=True)
-def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
-    """Bootstrap a cleaner dataset from noisy web data (BLIP's CapFilt), round after round."""
-    configure_environment()  # a deployment's worker runs this flow without ``capfilt``'s main: before any Ray work
-    overrides = list(overrides or [])
-    cfg = _cfg(config, overrides)  # fails fast, before any cluster work, on a bad config
-    storage.check_root_writable(root)
-    logger = get_run_logger()
-    if cfg.world is not None:
-        synth(config, overrides, root)
-    ingested = ingest(config, overrides, root)
-    summary: dict[str, Any] = {"root": root, "ingest": ingested, "rounds": []}
+def _bootstrap(cfg: RunConfig, config: str, overrides: list[str], root: str, summary: dict) -> None:
     rounds = cfg.flow.rounds
-    pretrain(config, overrides, root, 1)
+    if 1 in cfg.pretrained_rounds:
+        pretrain(config, overrides, root, 1)
     for k in range(1, rounds + 1):
         if _finetune_concurrently(cfg):
             futures = [finetune.submit(config, overrides, root, k, role) for role in ("captioner", "filter")]
@@ -130,13 +124,44 @@ def capfilt(config: str, root: str, overrides: list[str] | None = None) -> dict:
         summary["rounds"].append(
             {"round": k, "captioner": captioner, "filter": filt, "capfilt": capfilt_summary, "dataset": dataset}
         )
-    summary["eval"] = {k: evaluate(config, overrides, root, k) for k in range(1, rounds + 2)}
+    summary["eval"] = {k: evaluate(config, overrides, root, k) for k in cfg.pretrained_rounds}
     summary["html"] = {k: report(config, overrides, root, k) for k in range(1, rounds + 1)}
+
+
+def _curate(config: str, overrides: list[str], root: str, summary: dict) -> None:
+    capfilt_summary = caption_filter(config, overrides, root, 1)
+    dataset = assemble(config, overrides, root, 1)
+    summary["rounds"].append({"round": 1, "capfilt": capfilt_summary, "dataset": dataset})
+    summary["html"] = {1: report(config, overrides, root, 1)}
+
+
+@flow(name="capfilt", log_prints=True)
+def capfilt(
+    config: str,
+    root: str,
+    overrides: list[str] | None = None,
+    mode: Literal["bootstrap", "curate"] | None = None,
+) -> dict:
+    """Bootstrap a cleaner dataset from noisy web data (BLIP's CapFilt), round after round; or, with ``mode``
+    curate (or the config's ``flow.mode``), caption and filter it with given checkpoints, no training."""
+    configure_environment()  # a deployment's worker runs this flow without ``capfilt``'s main: before any Ray work
+    overrides = list(overrides or []) + ([f"flow.mode={mode}"] if mode else [])
+    cfg = _cfg(config, overrides)  # fails fast, before any cluster work, on a bad config
+    storage.check_root_writable(root)
+    logger = get_run_logger()
+    if cfg.world is not None:
+        synth(config, overrides, root)
+    ingested = ingest(config, overrides, root)
+    summary: dict[str, Any] = {"root": root, "mode": cfg.flow.mode, "ingest": ingested, "rounds": []}
+    if cfg.flow.mode == "curate":
+        _curate(config, overrides, root, summary)
+    else:
+        _bootstrap(cfg, config, overrides, root, summary)
     from pipelines.summary import run_summary
 
     closing = run_summary(cfg, root)
     create_markdown_artifact(
-        key="capfilt-summary", markdown=closing["markdown"], description=f"CapFilt bootstrap of {root}"
+        key="capfilt-summary", markdown=closing["markdown"], description=f"CapFilt {cfg.flow.mode} of {root}"
     )
     logger.info("\n%s", closing["text"])
     summary["report"] = closing

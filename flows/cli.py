@@ -1,8 +1,9 @@
 """The ``capfilt`` command: one sub-command per stage, each over a config and a run root.
 
-It sits above the flows (``capfilt bootstrap``/``demo`` run the Prefect flow, ``capfilt deploy`` registers it),
-so it lives in ``flows``; the stages it calls are ``pipelines``'. ``main`` sets Ray's and Prefect's environment
-(``flows.runtime.configure_environment``) before anything imports either: importing this module sets nothing."""
+It sits above the flows (``capfilt bootstrap``/``curate``/``demo`` run the Prefect flow, ``capfilt deploy``
+registers it), so it lives in ``flows``; the stages it calls are ``pipelines``'. ``main`` sets Ray's and Prefect's
+environment (``flows.runtime.configure_environment``) before anything imports either: importing this module sets
+nothing."""
 
 from __future__ import annotations
 
@@ -48,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capfilt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("synth", help="generate the synthetic world under <root>/world/"))
-    _common(sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/"))
+    ing = sub.add_parser("ingest", help="download the URL list with img2dataset into <root>/ingest/<source>/")
+    _common(ing)
+    ing.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on a committed ingest: download again only the URLs that failed transiently (timeouts, HTTP 5xx, "
+        "connection errors; not 404 or undecodable) into new shards, and update the manifest",
+    )
     _round_stage(sub, "pretrain", "pre-train round K (ITC + ITM + LM) into <root>/round=K/pretrain/")
     fine = _round_stage(
         sub,
@@ -70,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap", help="the whole flow in-process (Prefect flow `capfilt`, local or RAY_ADDRESS Ray)"
     )
     _common(boot, root_required=False)
+    cur = sub.add_parser(
+        "curate",
+        help="ingest, caption-filter, assemble and report with given checkpoints (capfilt.captioner and "
+        "capfilt.filter: released BLIP .pth files or Hugging Face BLIP directories), no training: the flow "
+        "`capfilt` with flow.mode=curate",
+    )
+    _common(cur, root_required=False)
     demo = sub.add_parser("demo", help="the embedded demo (make demo): bootstrap on flows/configs/demo.yaml")
     demo.add_argument("--root", default="runs/demo")
     demo.add_argument("--config", default=None, help="default: the shipped flows/configs/demo.yaml")
@@ -174,7 +189,7 @@ def _synth(cfg, args) -> None:
 def _ingest(cfg, args) -> None:
     from pipelines.ingest import run_ingest
 
-    run_ingest(cfg, args.root)
+    run_ingest(cfg, args.root, retry_failed=args.retry_failed)
 
 
 def _train(cfg, args) -> str:
@@ -239,6 +254,7 @@ COMMANDS = {
     "eval": _eval,
     "report": _report,
     "bootstrap": _bootstrap,
+    "curate": _bootstrap,
     "demo": _bootstrap,
 }
 DOWNSTREAM = ("vqa", "nlvr", "video-retrieval", "synth-tasks")
@@ -262,12 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         args.config = args.config or shipped_config("demo.yaml")
+    if args.command == "curate":
+        args.overrides.append("flow.mode=curate")  # validated with the rest: missing checkpoints fail here
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"capfilt: {err}", file=sys.stderr)
         return 2
-    if args.command == "bootstrap" and not args.root:
+    if args.command in ("bootstrap", "curate") and not args.root:
         args.root = f"runs/{cfg.name}"
     try:
         out = COMMANDS[args.command](cfg, args)

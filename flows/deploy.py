@@ -4,7 +4,9 @@ The deployment is defined once, in ``infra/prefect/prefect.yaml`` (also usable w
 registers it with the Prefect API the environment points at (``PREFECT_API_URL``), creating the process pool
 when it is missing. The flow runs from this checkout's directory, so a process worker started where the
 checkout is installed (``prefect worker start --pool P``) executes it; then
-``prefect deployment run capfilt/bootstrap -p config=... -p root=...`` starts a run.
+``prefect deployment run capfilt/bootstrap -p config=... -p root=...`` starts a run, and
+``-p mode=curate`` one that curates with the config's given checkpoints instead of training (the flow's
+``mode`` parameter; unset, the config's ``flow.mode``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import logging
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,6 +40,7 @@ from . import storage
 from .bootstrapped import parquet_files, write_manifest
 from .capfilt import capfilt_dir
 from .config import RunConfig
+from .dedup import Duplicates, find_duplicates, group_rows
 from .errors import StageError
 from .karpathy import read_karpathy
 from .keep_rule import (
@@ -48,6 +50,7 @@ from .keep_rule import (
     column_has_values,
     decide_table,
     is_default,
+    leak_distance,
     recorded_settings,
     set_columns,
 )
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 KEPT_DIR = "kept"
+DUPLICATES = "duplicates.parquet"  # with drop_duplicates: every image of a group of two or more, and its group
 KEPT_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
@@ -92,6 +96,26 @@ def _write_kept(url: str, table: pa.Table, rule: KeepRule, source_file: str, row
     storage.publish_bytes(url, buf.getvalue())
 
 
+def _read_columns(fs, files: list[str], columns: list[str]):
+    for path in files:
+        with fs.open(path, "rb") as fh:
+            yield pq.ParquetFile(fh).read(columns=columns)
+
+
+def duplicate_groups(
+    capfilt_url: str, distance: int, groups_url: str | None = None, storage_options: dict | None = None
+) -> Duplicates:
+    """The run's duplicate groups (``pipelines/dedup.py``) from its (shard, key, phash) columns, a file at a
+    time; with ``groups_url``, every image of a group of two or more written there (one Parquet file)."""
+    fs, files = parquet_files(capfilt_url, **(storage_options or {}))
+    dups = find_duplicates(_read_columns(fs, files, ["shard", "key", "phash"]), distance)
+    if groups_url is not None:
+        buf = io.BytesIO()
+        pq.write_table(group_rows(dups, _read_columns(fs, files, ["shard", "key", "phash"])), buf, compression="zstd")
+        storage.publish_bytes(groups_url, buf.getvalue())
+    return dups
+
+
 def assemble_rows(
     capfilt_url: str,
     rule: KeepRule | None = None,
@@ -99,10 +123,12 @@ def assemble_rows(
     *,
     row_group_size: int = 32768,
     storage_options: dict | None = None,
+    duplicates: Duplicates | None = None,
 ) -> dict[str, Any]:
     """Rows and kept rows by source, images and kept images, kept rows per shard name, and (with a rule) dropped
     rows by source and reason, one Parquet file at a time. ``rule`` None: CapFilt's ``keep`` column; else the rows
-    ``rule`` keeps, written to ``kept_url/<file name>`` when ``kept_url`` is given."""
+    ``rule`` keeps, written to ``kept_url/<file name>`` when ``kept_url`` is given; a rule that drops duplicates
+    needs the run's ``duplicates``."""
     fs, files = parquet_files(capfilt_url, **(storage_options or {}))
     total: Counter = Counter()
     kept: Counter = Counter()
@@ -126,7 +152,8 @@ def assemble_rows(
         if rule is None:
             keep = pc.fill_null(table["keep"], False)
         else:
-            mask, reason = decide_table(table, rule)
+            dup = duplicates.row_flags(table) if duplicates is not None else None
+            mask, reason = decide_table(table, rule, dup)
             keep = pa.array(mask)
             source = table["source"].to_numpy(zero_copy_only=False)
             for src in ("web", "synthetic"):
@@ -162,7 +189,11 @@ def resolve_rule(cfg: RunConfig, capfilt: str) -> KeepRule | None:
     if settings is None:
         raise AssembleError(f"{capfilt} records no CapFilt settings: cannot tell which rule CapFilt applied")
     try:
-        rule = assemble_rule(cfg.assemble, capfilt_rule(settings, cfg.capfilt.plugins, order=list(cfg.capfilt.scorers)))
+        rule = assemble_rule(
+            cfg.assemble,
+            capfilt_rule(settings, cfg.capfilt.plugins, order=list(cfg.capfilt.scorers)),
+            leak_distance(settings),
+        )
     except StageError as err:  # a scorer's rule whose column cannot be told (its plugin not importable)
         raise AssembleError(str(err)) from None
     files = storage.list_files(capfilt, ".parquet")
@@ -203,14 +234,19 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
     info = storage.read_commit(capfilt)
     source = (info.get("fingerprint") or {}).get("source") or cfg.capfilt.source or cfg.ingest.source
     shards_url = storage.RunRoot(root).ingest(source)
-    try:
-        human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}
-    except ValueError as err:
-        raise AssembleError(str(err)) from None
-    entries = read_karpathy(human["train"])
+    human: dict[str, str | None] = {"train": None, "image_root": None}  # curate mode on real data may have none
+    if cfg.world is not None or cfg.human.train is not None:
+        try:
+            human = {k: storage.absolute(v) for k, v in human_set(cfg, root).items()}
+        except ValueError as err:
+            raise AssembleError(str(err)) from None
+    entries = read_karpathy(human["train"]) if human["train"] else []
     rule = resolve_rule(cfg, capfilt)
     kept_url = storage.join(out, KEPT_DIR) if rule is not None else None
-    counts = assemble_rows(capfilt, rule, kept_url, row_group_size=cfg.capfilt.row_group_size)
+    dups = None
+    if rule is not None and rule.duplicate_distance is not None:
+        dups = duplicate_groups(capfilt, rule.duplicate_distance, storage.join(out, DUPLICATES))
+    counts = assemble_rows(capfilt, rule, kept_url, row_group_size=cfg.capfilt.row_group_size, duplicates=dups)
     available = {shard_name(u) for u in list_shards(shards_url)}
     orphans = {s: n for s, n in counts["kept_by_shard"].items() if s not in available}
     if orphans:
@@ -250,6 +286,14 @@ def run_assemble(cfg: RunConfig, root: str, round: int) -> dict:
                 for src in ("web", "synthetic")
             },
         }
+        if dups is not None:
+            keep["duplicates"] = {
+                "groups": storage.join(out, DUPLICATES),
+                "images_hashed": dups.images,
+                "images_in_groups": int(dups.grouped.sum()),
+                "images_dropped": int((dups.rep != np.arange(dups.images)).sum()),
+            }
+            summary["duplicates"] = keep["duplicates"]
         summary["keep_rule"] = rule.describe()
     manifest = write_manifest(
         out,

@@ -46,6 +46,7 @@ import logging
 import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -182,6 +183,7 @@ def parquet_files(url: str, **storage_options: Any) -> tuple[Any, list[str]]:
 
 
 KEPT = pc.field("keep") == True  # noqa: E712  (a pyarrow expression, not a Python comparison)
+PLANNING_THREADS = 16  # Parquet files read at once when planning the stream (object stores: latency-bound)
 
 
 class BootstrappedSource(Source):
@@ -196,18 +198,24 @@ class BootstrappedSource(Source):
         self.image_source = source_name(storage.join(shards_url, "x.tar"))
 
     def units(self, with_sizes: bool = False) -> list[StreamUnit]:
-        # One pass over the ``shard`` column of the kept rows, a file at a time: counts and file lists per shard.
+        # One pass over the ``shard`` column of the kept rows, files read in parallel (each gives only its per-shard
+        # counts): counts and file lists per shard, O(shards) memory.
         fs, files = parquet_files(self.capfilt_url, **self.storage_options)
         counts: Counter = Counter()
         stored: dict[str, set] = defaultdict(set)
         where: dict[str, set] = defaultdict(set)
-        for path in files:
+
+        def shard_counts(path: str) -> tuple[list, list]:
             table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["shard"], filter=KEPT)
-            for value, n in zip(*_value_counts(table.column("shard"))):
-                name = shard_name(str(value))
-                counts[name] += n
-                stored[name].add(value)
-                where[name].add(path)
+            return _value_counts(table.column("shard"))
+
+        with ThreadPoolExecutor(PLANNING_THREADS) as pool:
+            for path, (values, ns) in zip(files, pool.map(shard_counts, files)):
+                for value, n in zip(values, ns):
+                    name = shard_name(str(value))
+                    counts[name] += n
+                    stored[name].add(value)
+                    where[name].add(path)
         available = {
             shard_name(u): u
             for u in list_shards(self.shards_url, allow_uncommitted=self.allow_uncommitted, **self.storage_options)

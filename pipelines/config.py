@@ -37,6 +37,10 @@ class WorldConfig(_Section):
     noise_rate: float = Field(0.4, ge=0.0, le=1.0)
     noise_mix: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in noise_types()})
     image_size: int = Field(64, ge=64, le=96)
+    duplicate_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="web copies of other web images (re-encoded, resized, cropped), per web image"
+    )
+    leak_rate: float = Field(0.0, ge=0.0, le=1.0, description="web copies of held-out test images, per web image")
 
     @field_validator("noise_mix")
     @classmethod
@@ -67,6 +71,54 @@ class IngestConfig(_Section):
     min_image_size: int = Field(
         10, ge=0, description="smaller images (tracking pixels) are recorded as failed_to_resize"
     )
+    distributor: Literal["auto", "multiprocessing", "ray"] = Field(
+        "auto",
+        description="where shards download: processes on this machine, or Ray tasks over the cluster's nodes; "
+        "auto: ray when RAY_ADDRESS names a Ray cluster",
+    )
+    max_concurrent_shards: int | None = Field(
+        None, ge=1, description="ray: shard tasks running at once (None: the cluster's CPUs)"
+    )
+    shard_retries: int = Field(2, ge=0, description="a shard whose task failed or lost its node is run again")
+    column_names: list[str] | None = Field(
+        None, description="a csv/tsv list without a header row: its columns' names, in order (CC3M: [caption, url])"
+    )
+    quoting: bool = Field(
+        True,
+        description='csv/tsv fields may be quoted ("a, b"); false: every byte between delimiters is the value, '
+        "quotes included (raw TSVs such as CC3M and CC12M)",
+    )
+    extra_columns: list[str] = Field(
+        default_factory=list,
+        description="more columns of the list (uid, similarity, ...) carried into each sample's .json, the "
+        "shard's Parquet and every CapFilt row of the image",
+    )
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> IngestConfig:
+        wanted = [self.url_col, *([self.caption_col] if self.caption_col else []), *self.extra_columns]
+        if len(set(wanted)) < len(wanted):
+            raise ValueError(f"url_col, caption_col and extra_columns name a column twice: {wanted}")
+        reserved = sorted(set(self.extra_columns) & IMG2DATASET_RESERVED)
+        if reserved:
+            raise ValueError(f"extra_columns {reserved}: img2dataset reserves these names for its own metadata")
+        if self.extra_columns and (self.input_format == "txt" or self.url_list is None):
+            raise ValueError("extra_columns need a URL list (ingest.url_list) of more than one column")
+        if self.column_names is not None:
+            if self.input_format not in ("csv", "tsv"):
+                raise ValueError("column_names is for a csv or tsv list without a header row")
+            missing = [c for c in wanted if c not in self.column_names]
+            if missing or len(set(self.column_names)) < len(self.column_names):
+                raise ValueError(
+                    f"column_names {self.column_names} must be distinct and name every column used {wanted}"
+                )
+        return self
+
+
+# The keys img2dataset writes into each sample's metadata itself (``img2dataset.main.arguments_validator``).
+IMG2DATASET_RESERVED = frozenset(
+    "key caption url width height original_width original_height status error_message exif md5 sha256 sha512".split()
+)
 
 
 class HumanConfig(_Section):
@@ -117,7 +169,11 @@ class TrainJob(_Section):
     image_size: int = Field(384, ge=16)
     bf16: bool = Field(True, description="bf16 autocast; only ever on GPU")
     grad_checkpointing: bool = Field(False, description="ViT gradient checkpointing (memory for compute)")
-    init: str = Field("pretrain", description="scratch | previous | pretrain | a checkpoint path or URL")
+    init: str = Field(
+        "pretrain",
+        description="scratch | previous | pretrain | a checkpoint path or URL (fine-tunes: round 1 only; later "
+        "rounds fine-tune their own pre-trained model)",
+    )
     checkpoint_every_steps: int = Field(1000, ge=1, description="Ray Train checkpoint every N steps (and every epoch)")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="worker crashes retried from the last checkpoint")
@@ -266,6 +322,7 @@ class CapfiltConfig(_Section):
     decode_batch_rows: int = Field(64, ge=1, description="rows per block the decode task yields")
     decode_concurrency: int | None = Field(None, ge=1, description="max concurrent decode tasks; null: Ray's choice")
     commit_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per unit commit task (reads and writes files)")
+    commit_concurrency: int = Field(4, ge=1, description="unit commit tasks in flight at once")
     shards_per_unit: int = Field(1, ge=1, description="shards per commit unit (one Parquet file each)")
     row_group_size: int = Field(32768, ge=1024, description="rows per Parquet row group")
     captioner_kind: str = Field("blip", description="registered captioner (pipelines/capfilt/models.py)")
@@ -295,6 +352,13 @@ class AssembleConfig(_Section):
     itc_threshold: float | None = Field(None, ge=-1, le=1, description="and when its ITC cosine exceeds it")
     clip_threshold: float | None = Field(None, ge=-1, le=1, description="and when its CLIP cosine exceeds it")
     top_k_synthetic: int | None = Field(None, ge=1, description="keep at most the k best synthetic texts per image")
+    drop_duplicates: bool = Field(
+        False, description="keep one image per duplicate group, its smallest (shard, key) (capfilt.scorers.phash)"
+    )
+    duplicate_distance: int = Field(4, ge=0, le=16, description="near duplicates: hashes within this many bits")
+    drop_leaks: bool = Field(
+        False, description="drop images within capfilt.scorers.phash.leak_distance bits of a test image"
+    )
 
 
 class EvalConfig(_Section):
@@ -312,8 +376,14 @@ class EvalConfig(_Section):
 
 
 class FlowConfig(_Section):
-    """The bootstrap flow: how many CapFilt rounds (the paper does one)."""
+    """The flow ``capfilt``: what it runs, and how many CapFilt rounds (the paper does one).
 
+    ``bootstrap``: BLIP's loop, ingest -> pre-train -> fine-tune captioner and filter -> caption-filter -> assemble
+    -> pre-train the next round -> evaluate -> report. ``curate``: ingest -> caption-filter -> assemble -> report
+    with given checkpoints (``capfilt.captioner`` and ``capfilt.filter``: released BLIP ``.pth`` files or Hugging
+    Face BLIP directories), one round, no training and no evaluation."""
+
+    mode: Literal["bootstrap", "curate"] = "bootstrap"
     rounds: int = Field(1, ge=1)
 
 
@@ -334,9 +404,35 @@ class RunConfig(_Section):
     def _check_sources(self) -> RunConfig:
         if self.world is None and self.ingest.url_list is None:
             raise ValueError("ingest.url_list is required when there is no synthetic world (world: null)")
-        if self.world is None and (self.human.train is None or self.human.test is None):
+        curate = self.flow.mode == "curate"
+        if not curate and self.world is None and (self.human.train is None or self.human.test is None):
             raise ValueError("human.train and human.test are required when there is no synthetic world")
+        if curate:
+            missing = [f"capfilt.{r}" for r in ("captioner", "filter") if getattr(self.capfilt, r) is None]
+            if missing:
+                raise ValueError(
+                    f"flow.mode curate needs {' and '.join(missing)}: a released BLIP .pth or Hugging Face BLIP "
+                    "directory (path or URL)"
+                )
+            if self.flow.rounds != 1:
+                raise ValueError(f"flow.rounds is {self.flow.rounds}, but flow.mode curate runs one round")
+        elif 1 not in self.pretrained_rounds and self.train.pretrain.init == "previous":
+            raise ValueError(
+                "train.pretrain.init is 'previous', but round 1 is not pre-trained (both fine-tunes start "
+                "from checkpoints): round 2 has no previous model to start from"
+            )
         return self
+
+    @property
+    def pretrained_rounds(self) -> list[int]:
+        """The rounds whose model the flow pre-trains (and evaluates). Bootstrap: 1 to ``flow.rounds`` + 1, round 1
+        on the web data, unless both fine-tunes start from given checkpoints (``train.captioner.init`` and
+        ``train.filter.init`` other than ``pretrain``: released BLIP ones): round 1 then fine-tunes those only and
+        its pre-training is skipped; later rounds pre-train on the bootstrapped data as always. Curate: none."""
+        if self.flow.mode == "curate":
+            return []
+        first = 1 if "pretrain" in (self.train.captioner.init, self.train.filter.init) else 2
+        return list(range(first, self.flow.rounds + 2))
 
 
 class ConfigError(ValueError):

@@ -6,33 +6,52 @@ and records what it did:
 - **Input.** ``ingest.url_list`` (a file or a directory of files, local or any fsspec URL) in
   ``ingest.input_format`` csv | tsv | parquet | jsonl | txt, with columns ``ingest.url_col`` and
   ``ingest.caption_col``. When ``url_list`` is None the synthetic world's ``web.parquet`` is ingested: the
-  world's images are served on 127.0.0.1 for the duration (:func:`pipelines.world.serve_world`) and its
-  ``{base}/...`` URLs rewritten to the live server.
+  world's images are served for the duration (:func:`pipelines.world.serve_world`; on 127.0.0.1, or on this
+  node's address when ``RAY_ADDRESS`` names a cluster whose nodes download) and its ``{base}/...`` URLs
+  rewritten to the live server.
 - **Captions byte for byte.** Every list is first rewritten, file by file and in order, to a local Parquet
   file holding only ``url`` and ``caption`` as strings, which img2dataset then reads. Reading CSV ourselves
   lets quoted captions hold newlines (img2dataset's own CSV reader rejects them) and stops type inference:
   a caption ``007``, ``NA``, ``true`` or an empty one stays exactly that, instead of becoming ``7``, null,
   ``True``. img2dataset writes the string to the sample's ``.txt`` (UTF-8) and to the shard's Parquet.
-  Cleaning captions belongs to later stages.
+  Cleaning captions belongs to later stages. A headerless csv/tsv names its columns with ``ingest.column_names``;
+  ``ingest.quoting: false`` reads raw TSVs (CC3M) whose captions may start with a quote.
+- **Extra columns.** ``ingest.extra_columns`` (uid, similarity, NSFW, ...) follow in that file with the list's
+  types where a sample's JSON can carry them (:func:`passable_extras`); img2dataset's
+  ``save_additional_columns`` writes them into each sample's ``.json`` and the shard's Parquet (with the Arrow
+  types of the file it reads), and CapFilt onto each row of the image.
+- **Repeated URLs** each keep their own row, key, download and status; the manifest counts them per input file
+  (``input.repeated_urls_within_files``, :func:`repeated_urls`).
 - **Failures are data.** A dead URL, a refused connection, an undecodable or too small image
   (``ingest.min_image_size``) is a row in the shard's Parquet with img2dataset's ``status``
   (``success`` | ``failed_to_download`` | ``failed_to_resize``) and ``error_message``, never an exception.
-  Only a shard that img2dataset could not write at all (storage failure) stops the commit: the stage then
-  raises :class:`IngestIncomplete`, and a rerun redoes just the missing shards.
+  Only a shard that could not be written at all, after ``ingest.shard_retries`` retries (storage failure),
+  stops the commit: the stage then raises :class:`IngestIncomplete`, and a rerun redoes just the missing shards.
+- **Upright photographs.** img2dataset's resizing runs on the project's decoder
+  (:mod:`pipelines.ingest_resize`): EXIF orientation applied, 16-bit images scaled, not clipped.
+- **Shards as tasks.** img2dataset's own Reader and Downloader run shard by shard
+  (:mod:`pipelines.ingest_shards`), on a pool of local processes or as Ray tasks over a cluster's nodes
+  (``ingest.distributor``; ``auto``: Ray when a Ray cluster is in use); each shard reads its rows from, and writes
+  straight to, the run root.
 - **One order.** img2dataset writes a shard's samples in the order their downloads finish, so two ingests of
   one list would hold the same samples in different orders, and everything trained on them would differ.
-  Before the commit every shard is put in key order, which is the list's order
-  (:func:`pipelines.shards.sort_shard`: one more read of each shard, and a rewrite of those out of order);
-  the manifest's ``this_run`` says how many were rewritten and how long it took.
-- **Incremental and committed.** img2dataset runs with ``incremental_mode="incremental"``: a shard whose
-  ``NNNNN_stats.json`` exists is skipped, so a rerun after a crash only redoes unfinished shards. When every
-  shard is there, ``manifest.json`` (shards, counts, success rate, failures by status and by error) is
-  written and the directory committed (:func:`pipelines.storage.commit`); a rerun of a committed ingest
-  does nothing. A different URL list needs another ``ingest.source`` or root.
+  Each shard's task puts it in key order, which is the list's order, before publishing it
+  (:func:`pipelines.shards.sort_shard`: one more read of the shard, and a rewrite when out of order); the
+  manifest's ``this_run`` says how many were rewritten and how long it took.
+- **Incremental and committed.** A shard is published with its ``NNNNN_stats.json`` last, and a shard whose
+  stats file exists is skipped, so a rerun after a crash only redoes unfinished shards. When every shard is
+  there, ``manifest.json`` (shards, counts, success rate, failures by status and by error, retries) is written
+  and the directory committed (:func:`pipelines.storage.commit`); a rerun of a committed ingest does nothing.
+  A different URL list needs another ``ingest.source`` or root.
+- **Retrying what failed.** ``capfilt ingest --retry-failed`` (:func:`run_ingest` ``retry_failed``) takes a
+  committed ingest's transient failures (timeouts, HTTP 5xx, connection errors: :mod:`pipelines.ingest_retry`),
+  uncommits the directory, downloads them into new shards after the last one (each row's ``retry_of`` names
+  the row it retries), and commits again with the manifest's counts updated (a URL counts once, by its last
+  attempt) and the retry recorded in ``retries``. An interrupted retry is finished by the next run.
 
-**S3 and other object stores.** img2dataset opens the output with plain ``fsspec.url_to_fs(url)`` in its
+**S3 and other object stores.** img2dataset opens the output with plain ``fsspec.url_to_fs(url)`` in the
 worker processes, so storage options cannot be passed as arguments; they come from the environment, which
-spawned workers inherit. For S3 or an S3-compatible server (MinIO, SeaweedFS, Ceph)::
+spawned workers inherit (Ray workers on other nodes: set it on those nodes). For S3 or an S3-compatible server (MinIO, SeaweedFS, Ceph)::
 
     export AWS_ENDPOINT_URL=https://s3.example.com     # omit for AWS itself
     export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...   # or a profile / instance role: the standard chain
@@ -43,12 +62,12 @@ spawned workers inherit. For S3 or an S3-compatible server (MinIO, SeaweedFS, Ce
 for options botocore has no variable for.)
 
 Environment traps handled here: img2dataset imports albumentations, whose import-time update check calls the
-network (``NO_ALBUMENTATIONS_UPDATE=1`` is set), and wandb (``enable_wandb=False``, ``WANDB_MODE=disabled``);
-its ``multiprocessing`` distributor spawns fresh interpreters, so the caller's ``__main__`` must be
-import-safe (the ``capfilt`` script is), and each spawned worker pays img2dataset's imports (torch, cv2,
-albumentations, wandb: ~5-10 s on 2 cores) at start and again every 5 shards (its pool's
-``maxtasksperchild=5``), so real lists want shards of thousands of samples; its SIGINT handler is kept out
-of the caller's process (:func:`_own_signal_handlers`), which also lets the stage run off the main thread.
+network (``NO_ALBUMENTATIONS_UPDATE=1`` is set), and wandb (``WANDB_MODE=disabled``); the ``multiprocessing``
+distributor spawns fresh interpreters, so the caller's ``__main__`` must be import-safe (the ``capfilt``
+script is), and each spawned worker pays img2dataset's imports (torch, cv2, albumentations, wandb: ~5-10 s on
+2 cores) at start and again every 5 shards, so real lists want shards of thousands of samples (Ray workers
+import once and are reused). ``img2dataset.download`` itself is not called, so neither its SIGINT handler nor
+its logger process touch the caller: the stage runs off the main thread too.
 """
 
 from __future__ import annotations
@@ -59,21 +78,15 @@ import logging
 import math
 import os
 import posixpath
-import signal
-import sys
-import tarfile
 import tempfile
-import threading
 import time
-import types
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -81,12 +94,11 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import IngestConfig, RunConfig
 from .errors import StageError
-from .shards import sort_shard
+from .ingest_shards import SCRATCH, shard_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_OOM_SHARD_COUNT = 5  # shard names NNNNN
 
 
 class IngestError(StageError):
@@ -105,6 +117,8 @@ class PreparedInput:
     rows_per_file: list[int]
     has_caption: bool
     description: str
+    extra_columns: dict[str, str] = field(default_factory=dict)  # ingest.extra_columns -> their Arrow types
+    repeated_urls: int = 0  # rows whose URL an earlier row of the same input file has (see repeated_urls())
 
     @property
     def rows(self) -> int:
@@ -115,20 +129,15 @@ class PreparedInput:
         return list(range(sum(math.ceil(n / shard_size) for n in self.rows_per_file)))
 
 
-def _quiet_environment() -> None:
-    """Before img2dataset is imported, here and in the processes it spawns (they inherit os.environ)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ.setdefault("WANDB_SILENT", "true")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Input
 
 
 def read_url_file(fs: storage.FileSystem, path: str, ic: IngestConfig) -> pa.Table:
-    """One input file -> a table of ``url`` and (when configured) ``caption``, both exact strings."""
-    cols = [ic.url_col] + ([ic.caption_col] if ic.caption_col and ic.input_format != "txt" else [])
+    """One input file -> a table of ``url`` and (when configured) ``caption``, both exact strings, then the
+    ``ingest.extra_columns`` (:func:`passable_extras`)."""
+    text = [ic.url_col] + ([ic.caption_col] if ic.caption_col and ic.input_format != "txt" else [])
+    cols = text + list(ic.extra_columns)
     fmt = ic.input_format
     try:
         with fs.open(path, "rb") as f:
@@ -138,7 +147,12 @@ def read_url_file(fs: storage.FileSystem, path: str, ic: IngestConfig) -> pa.Tab
             if fmt in ("csv", "tsv"):
                 table = pa_csv.read_csv(
                     f,
-                    parse_options=pa_csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True),
+                    read_options=pa_csv.ReadOptions(column_names=ic.column_names),  # None: the first row names them
+                    parse_options=pa_csv.ParseOptions(
+                        delimiter="," if fmt == "csv" else "\t",
+                        quote_char='"' if ic.quoting else False,
+                        newlines_in_values=ic.quoting,
+                    ),
                     convert_options=pa_csv.ConvertOptions(
                         column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False
                     ),
@@ -147,33 +161,89 @@ def read_url_file(fs: storage.FileSystem, path: str, ic: IngestConfig) -> pa.Tab
                 table = pa_json.read_json(
                     f,
                     parse_options=pa_json.ParseOptions(
-                        explicit_schema=pa.schema([(c, pa.string()) for c in cols]), unexpected_field_behavior="ignore"
+                        explicit_schema=pa.schema([(c, pa.string()) for c in text]),
+                        unexpected_field_behavior="infer" if ic.extra_columns else "ignore",
                     ),
                 )
-                for c in cols:
+                for c in text:
                     if table[c].null_count == table.num_rows and table.num_rows:
                         raise IngestError(f"{path}: no field {c!r} in any line (check ingest.url_col / caption_col)")
             else:
                 schema_names = pq.read_schema(f).names
-                missing = [c for c in cols if c not in schema_names]
-                if missing:
-                    raise KeyError(missing[0])
                 f.seek(0)
-                table = pq.read_table(f, columns=cols)
-                table = table.cast(pa.schema([(c, pa.string()) for c in cols]))
+                table = pq.read_table(f, columns=[c for c in cols if c in schema_names])
+                table = table.cast(
+                    pa.schema(
+                        [pa.field(c, pa.string()) if c in text else table.schema.field(c) for c in table.schema.names]
+                    )
+                )
     except FileNotFoundError:
         raise IngestError(f"ingest.url_list: {path} does not exist") from None
-    except KeyError as err:
-        raise IngestError(f"{path}: no column {err.args[0]!r} (check ingest.url_col / ingest.caption_col)") from None
+    except KeyError as err:  # pyarrow's CSV reader: a column of include_columns is not in the file
+        raise IngestError(f"{path}: {err.args[0]} ({_CHECK_COLUMNS})") from None
     except pa.ArrowInvalid as err:
         if "include_columns" in str(err) or "does not exist" in str(err):
-            raise IngestError(f"{path}: {err} (check ingest.url_col / ingest.caption_col)") from None
+            raise IngestError(f"{path}: {err} ({_CHECK_COLUMNS})") from None
         raise IngestError(f"{path} is not valid {fmt}: {err}") from None
-    names = {ic.url_col: "url", **({ic.caption_col: "caption"} if len(cols) > 1 else {})}
-    return table.select(cols).rename_columns([names[c] for c in cols])
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise IngestError(f"{path}: no column {missing[0]!r} ({_CHECK_COLUMNS})")
+    names = {ic.url_col: "url", **({ic.caption_col: "caption"} if len(text) > 1 else {})}
+    return passable_extras(table.select(cols).rename_columns([names.get(c, c) for c in cols]), path)
+
+
+_CHECK_COLUMNS = "check ingest.url_col / ingest.caption_col / ingest.extra_columns"
+
+
+def _passable_type(t: pa.DataType) -> pa.DataType | None:
+    """The type an extra column travels as: the same where JSON carries it (img2dataset writes each sample's
+    metadata with ``json.dumps``, CapFilt reads it back), else text; None when it cannot travel at all."""
+    if pa.types.is_dictionary(t):
+        return _passable_type(t.value_type)
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t):
+        return t
+    if pa.types.is_null(t):
+        return t
+    if pa.types.is_temporal(t) or pa.types.is_decimal(t):
+        return pa.string()  # ISO 8601 text; decimals exactly
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_struct(t):
+        children = [t.field(i).type for i in range(t.num_fields)]
+        return t if all(_passable_type(c) == c for c in children) else None
+    return None  # binary (bytes are not JSON), maps, unions
+
+
+def passable_extras(table: pa.Table, path: str) -> pa.Table:
+    """Each extra column (every column after ``url`` and ``caption``) as :func:`_passable_type` says, or an
+    IngestError that names the column and its type."""
+    fields = []
+    for f in table.schema:
+        if f.name in ("url", "caption"):
+            fields.append(f)
+            continue
+        t = _passable_type(f.type)
+        if t is None:
+            raise IngestError(
+                f"{path}: extra column {f.name!r} has type {f.type}, which cannot pass through a sample's JSON "
+                "metadata; leave it out of ingest.extra_columns"
+            )
+        fields.append(pa.field(f.name, t))
+    return table.cast(pa.schema(fields))
+
+
+def repeated_urls(table: pa.Table) -> int:
+    """Rows whose URL an earlier row of the table has: one pass of pyarrow's hashing, memory for one file."""
+    return table.num_rows - len(pc.unique(table["url"]))  # ~0.7 s per million URLs on a busy core
 
 
 def prepare_url_list(ic: IngestConfig, tmp: str) -> PreparedInput:
+    """Each input file, in name order, rewritten as a local Parquet file of ``url``, ``caption`` and the extra
+    columns. The first file's extra column types are the list's: a later file's are cast to them (or it fails,
+    naming the column). Repeated URLs are counted within each file (:func:`repeated_urls`); counting repeats
+    across files would hold every URL of the list in memory at once."""
     fs, path = storage.filesystem(ic.url_list)
     if fs.isdir(path):
         files = sorted(fs.glob(path.rstrip("/") + f"/*.{ic.input_format}"))
@@ -185,12 +255,27 @@ def prepare_url_list(ic: IngestConfig, tmp: str) -> PreparedInput:
         raise IngestError(f"ingest.url_list: {ic.url_list} does not exist")
     rows = []
     has_caption = False
+    repeated = 0
+    schema: pa.Schema | None = None
     for k, p in enumerate(files):
         table = read_url_file(fs, p, ic)
+        if schema is None:
+            schema = table.schema
+        elif table.schema != schema:
+            try:
+                table = table.cast(schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                theirs = {f.name: str(f.type) for f in table.schema}
+                ours = {f.name: str(f.type) for f in schema}
+                raise IngestError(
+                    f"{p}: its extra columns {theirs} do not cast to the types of the list's first file {ours}: {err}"
+                ) from None
         has_caption = "caption" in table.column_names
+        repeated += repeated_urls(table)
         pq.write_table(table, posixpath.join(tmp, f"{k:05d}.parquet"))
         rows.append(table.num_rows)
-    return PreparedInput(tmp, rows, has_caption, ic.url_list)
+    extra = {f.name: str(f.type) for f in schema or [] if f.name not in ("url", "caption")}
+    return PreparedInput(tmp, rows, has_caption, ic.url_list, extra, repeated)
 
 
 def _prepare_world_list(root: str, base_url: str, tmp: str) -> PreparedInput:
@@ -202,29 +287,54 @@ def _prepare_world_list(root: str, base_url: str, tmp: str) -> PreparedInput:
     urls = resolve_urls(table["url"].to_pylist(), base_url)
     out = pa.table({"url": pa.array(urls, pa.string()), "caption": table["caption"].cast(pa.string())})
     pq.write_table(out, posixpath.join(tmp, "00000.parquet"))
-    return PreparedInput(tmp, [out.num_rows], True, f"synthetic world {world_files(world)['web']}")
+    description = f"synthetic world {world_files(world)['web']}"
+    return PreparedInput(tmp, [out.num_rows], True, description, repeated_urls=repeated_urls(out))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Output
 
+RETRY_PLAN = "_retry.json"  # a retry under way: its list, its shards and the errors it retries
+
+
+def _stats_files(out: str) -> dict[int, str]:
+    """Shard id -> path of its ``NNNNN_stats.json``: the shards that are done (one listing, no reads)."""
+    fs, path = storage.filesystem(out)
+    fs.invalidate_cache()  # the shards' workers wrote through other processes' clients: listings are stale
+    return {int(posixpath.basename(f).split("_")[0]): f for f in fs.glob(path.rstrip("/") + "/*_stats.json")}
+
 
 def _shard_stats(out: str) -> dict[int, dict]:
-    fs, path = storage.filesystem(out)
-    fs.invalidate_cache()  # img2dataset's workers wrote through other processes' clients: listings are stale
+    fs, _ = storage.filesystem(out)
     stats = {}
-    for f in fs.glob(path.rstrip("/") + "/*_stats.json"):
-        name = posixpath.basename(f)
+    for sid, f in _stats_files(out).items():
         with fs.open(f, "r") as fh:
-            stats[int(name.split("_")[0])] = json.load(fh)
+            stats[sid] = json.load(fh)
     return stats
 
 
-def _manifest(ic: IngestConfig, prepared: PreparedInput, stats: dict[int, dict], this_run: dict) -> dict:
+def _input_info(ic: IngestConfig, prepared: PreparedInput) -> dict:
+    return {
+        "url_list": prepared.description,
+        "input_format": ic.input_format if ic.url_list else "parquet",
+        "url_col": ic.url_col,
+        "caption_col": ic.caption_col if prepared.has_caption else None,
+        "files": len(prepared.rows_per_file),
+        "rows": prepared.rows,
+        "extra_columns": prepared.extra_columns,
+        # each such row keeps its own key, download and status; repeats across files are not counted
+        "repeated_urls_within_files": prepared.repeated_urls,
+    }
+
+
+def _manifest(ic: IngestConfig, input_info: dict, stats: dict[int, dict], this_run: dict, retries: list) -> dict:
+    """The ingest's record. With retries (:func:`_retry`), a retried URL counts once, by its last attempt: its
+    failed row in an earlier shard is taken out of ``total`` and of the failures (each retry's ``urls`` and
+    ``retried_errors``), its new row counts where it now is."""
     shards, errors, by_status = [], Counter(), Counter()
     for sid in sorted(stats):
         s = stats[sid]
-        name = f"{sid:0{_OOM_SHARD_COUNT}d}"
+        name = shard_name(sid)
         shards.append(
             {
                 "shard": name,
@@ -238,18 +348,15 @@ def _manifest(ic: IngestConfig, prepared: PreparedInput, stats: dict[int, dict],
         )
         by_status.update({"failed_to_download": s["failed_to_download"], "failed_to_resize": s["failed_to_resize"]})
         errors.update({k: v for k, v in s.get("status_dict", {}).items() if k != "success"})
-    total = sum(s["count"] for s in shards)
+    retried = sum(r["urls"] for r in retries)
+    by_status["failed_to_download"] -= retried  # only download failures are retried
+    for r in retries:
+        errors.subtract(r["retried_errors"])
+    total = sum(s["count"] for s in shards) - retried
     successes = sum(s["successes"] for s in shards)
     return {
         "source": ic.source,
-        "input": {
-            "url_list": prepared.description,
-            "input_format": ic.input_format if ic.url_list else "parquet",
-            "url_col": ic.url_col,
-            "caption_col": ic.caption_col if prepared.has_caption else None,
-            "files": len(prepared.rows_per_file),
-            "rows": prepared.rows,
-        },
+        "input": input_info,
         "settings": {
             "image_size": ic.image_size,
             "resize_mode": ic.resize_mode,
@@ -270,93 +377,111 @@ def _manifest(ic: IngestConfig, prepared: PreparedInput, stats: dict[int, dict],
         "failed": total - successes,
         "success_rate": successes / total if total else 0.0,
         "failures_by_status": dict(by_status),
-        "failures_by_error": dict(errors.most_common()),
+        "failures_by_error": dict((+errors).most_common()),
+        "retries": retries,
         "this_run": this_run,
     }
 
 
-@contextlib.contextmanager
-def _own_signal_handlers() -> Iterator[None]:
-    """img2dataset.download installs a SIGINT handler that deletes its scratch folder and exits with status 0,
-    and never removes it; outside the main thread (a Prefect task, a thread pool) installing it raises. Keep
-    the caller's handler in the main thread, and skip img2dataset's in any other."""
-    main_module = sys.modules["img2dataset.main"]
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return
-    real = main_module.signal
-    main_module.signal = types.SimpleNamespace(signal=lambda *_: None, SIGINT=signal.SIGINT)
-    try:
-        yield
-    finally:
-        main_module.signal = real
+def _download(
+    ic: IngestConfig,
+    out: str,
+    url_list: str,
+    *,
+    has_caption: bool,
+    extra_columns: list[str],
+    expected: list[int],
+    start_shard_id: int = 0,
+) -> dict:
+    """Every shard of ``expected`` not yet done, downloaded from ``url_list`` (:mod:`pipelines.ingest_shards`);
+    returns the ``this_run`` record, or raises IngestIncomplete naming the shards still missing."""
+    from .ingest_shards import ShardJob, choose_distributor, reader, run_shards
 
-
-def _download(prepared: PreparedInput, out: str, ic: IngestConfig) -> None:
-    _quiet_environment()
-    import img2dataset
-
-    with _own_signal_handlers():
-        _img2dataset_download(img2dataset, prepared, out, ic)
-
-
-def _img2dataset_download(img2dataset: Any, prepared: PreparedInput, out: str, ic: IngestConfig) -> None:
-    img2dataset.download(
-        url_list=prepared.folder,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption" if prepared.has_caption else None,
-        output_folder=out,
-        output_format="webdataset",
-        image_size=ic.image_size,
-        resize_mode=ic.resize_mode,
-        min_image_size=ic.min_image_size,
-        number_sample_per_shard=ic.shard_size,
-        oom_shard_count=_OOM_SHARD_COUNT,
-        processes_count=ic.processes,
-        thread_count=ic.threads,
-        timeout=ic.timeout,
-        retries=ic.retries,
-        encode_format="jpg",
-        distributor="multiprocessing",
-        incremental_mode="incremental",
-        enable_wandb=False,
-        user_agent_token="capfilt",
+    distributor = choose_distributor(ic)
+    done = set(_stats_files(out))
+    log.info(
+        "downloading %d shards of %d into %s (%d done before) with %s",
+        len(set(expected) - done),
+        ic.shard_size,
+        out,
+        len(done & set(expected)),
+        distributor,
     )
+    t0 = time.time()
+    shards = reader(
+        url_list,
+        out,
+        ic,
+        has_caption=has_caption,
+        done=done,
+        start_shard_id=start_shard_id,
+        extra_columns=extra_columns,
+    )
+    job = ShardJob(out, ic, tuple(shards.column_list), has_caption)
+    results, failed = run_shards(job, shards, distributor)
+    seconds = time.time() - t0
+    missing = sorted(set(expected) - set(_stats_files(out)))
+    if missing:
+        raise IngestIncomplete(
+            f"shards {[shard_name(s) for s in missing[:20]]} of {out} did not finish ({len(failed)} failed after "
+            f"{ic.shard_retries} retries); nothing committed, rerun the same command to redo them"
+        )
+    storage.remove(storage.join(out, SCRATCH))
+    samples = sum(r["count"] for r in results)
+    shard_seconds = sum(r["duration"] for r in results)
+    return {
+        "distributor": distributor,
+        "shards": len(results),
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(samples / seconds, 1) if seconds > 0 else None,
+        # per shard task, without start-up (spawning a process and importing img2dataset take ~5-10 s)
+        "shard_seconds": round(shard_seconds, 3),
+        "worker_samples_per_second": round(samples / shard_seconds, 1) if shard_seconds > 0 else None,
+        # shards put in key order (the input list's) by their task, so that every ingest of a list is the same
+        "shards_sorted": sum(r["rewritten"] for r in results),
+        "sort_seconds": round(sum(r["sort_seconds"] for r in results), 3),
+    }
 
 
-def _sort_shards(out: str, shard_ids: list[int], workers: int) -> int:
-    """Every shard in key order (:func:`pipelines.shards.sort_shard`, one shard per thread); how many had to be
-    rewritten. Shards of an earlier, interrupted run are checked too (reading an ordered one costs one read).
-    A broken tar is an IngestIncomplete; a storage error propagates as it is (a rerun retries it)."""
+def _commit(ic: IngestConfig, out: str, manifest: dict) -> dict:
+    storage.write_json(storage.join(out, MANIFEST), manifest)
+    storage.commit(
+        out, {"total": manifest["total"], "successes": manifest["successes"], "n_shards": manifest["n_shards"]}
+    )
+    this_run = manifest["this_run"]
+    log.info(
+        "ingest committed at %s: %d/%d images (%.1f%%) in %d shards; this run %d samples in %.1fs "
+        "(%s samples/s overall, %s per shard task while downloading); failures: %s",
+        out,
+        manifest["successes"],
+        manifest["total"],
+        100 * manifest["success_rate"],
+        manifest["n_shards"],
+        this_run["samples"],
+        this_run["seconds"],
+        this_run["samples_per_second"],
+        this_run["worker_samples_per_second"],
+        manifest["failures_by_status"],
+    )
+    return manifest
 
-    def one(sid: int) -> bool:
-        name = f"{sid:0{_OOM_SHARD_COUNT}d}"
-        try:
-            return sort_shard(storage.join(out, f"{name}.tar"))
-        except tarfile.TarError as err:
-            raise IngestIncomplete(
-                f"shard {name} of {out} is unreadable ({err}); nothing committed: delete its "
-                f"{name}_stats.json and rerun `capfilt ingest` to download it again"
-            ) from err
 
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        return sum(pool.map(one, shard_ids))
+def _server_host() -> str:
+    """Where the world's images are served: loopback, unless ``RAY_ADDRESS`` names a cluster, whose other nodes
+    must reach the server: then the address Ray knows this node by."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return "127.0.0.1"
+    from .ray_runtime import ensure_ray
+
+    ensure_ray()
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
-def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
-    """``capfilt ingest``: download the URL list into committed shards; returns the manifest."""
+def _ingest_list(cfg: RunConfig, root: str, out: str) -> dict[str, Any]:
     ic = cfg.ingest
-    out = storage.RunRoot(root).ingest(ic.source)
-    manifest_url = storage.join(out, MANIFEST)
-    if storage.is_committed(out):
-        log.info("ingest %s already committed; nothing to do", out)
-        return storage.read_json(manifest_url)
-
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="capfilt-ingest-"))
         if ic.url_list is None:
@@ -368,75 +493,107 @@ def run_ingest(cfg: RunConfig, root: str) -> dict[str, Any]:
                     f"ingest.url_list is not set and there is no committed world at {world}; "
                     "run `capfilt synth` first or set ingest.url_list"
                 )
-            base = stack.enter_context(serve_world(world))
+            base = stack.enter_context(serve_world(world, host=_server_host()))
             prepared = _prepare_world_list(root, base, tmp)
         else:
             prepared = prepare_url_list(ic, tmp)
         if prepared.rows == 0:
             raise IngestError(f"the URL list {prepared.description} has no rows")
-
-        fs, path = storage.filesystem(out)
-        if fs.exists(posixpath.join(path, MANIFEST)):
-            fs.rm(posixpath.join(path, MANIFEST))  # img2dataset reads every *.json there as NNNNN_stats.json
-        before = set(_shard_stats(out))
-        log.info(
-            "ingesting %d URLs from %s into %s (%d shards of %d, %d done before)",
-            prepared.rows,
-            prepared.description,
+        log.info("ingesting %d URLs from %s into %s", prepared.rows, prepared.description, out)
+        this_run = _download(
+            ic,
             out,
-            len(prepared.expected_shards(ic.shard_size)),
-            ic.shard_size,
-            len(before),
+            prepared.folder,
+            has_caption=prepared.has_caption,
+            extra_columns=list(prepared.extra_columns),
+            expected=prepared.expected_shards(ic.shard_size),
         )
-        t0 = time.time()
-        _download(prepared, out, ic)
-        seconds = time.time() - t0
-
-    fs, path = storage.filesystem(out)
-    if fs.exists(posixpath.join(path, "_tmp")):  # img2dataset leaves its (empty) scratch folder on object stores
-        fs.rm(posixpath.join(path, "_tmp"), recursive=True)
     stats = _shard_stats(out)
-    missing = sorted(set(prepared.expected_shards(ic.shard_size)) - set(stats))
-    if missing:
-        raise IngestIncomplete(
-            f"img2dataset did not finish shards {missing[:20]} of {out}; "
-            "nothing committed, rerun `capfilt ingest` to redo them"
-        )
-    t0 = time.time()
-    sorted_now = _sort_shards(out, sorted(stats), ic.processes)
-    sort_seconds = time.time() - t0
-    done_now = [stats[s] for s in stats if s not in before]
-    samples_now = sum(s["count"] for s in done_now)
-    shard_seconds = sum(s["duration"] for s in done_now)
-    this_run = {
-        "shards": len(done_now),
-        "samples": samples_now,
-        "seconds": round(seconds, 3),
-        "samples_per_second": round(samples_now / seconds, 1) if seconds > 0 else None,
-        # per worker process, without img2dataset's start-up (spawning and importing take ~10 s)
-        "shard_seconds": round(shard_seconds, 3),
-        "worker_samples_per_second": round(samples_now / shard_seconds, 1) if shard_seconds > 0 else None,
-        # img2dataset's shards put in key order (the input list's), so that every ingest of a list is the same
-        "shards_sorted": sorted_now,
-        "sort_seconds": round(sort_seconds, 3),
+    return _commit(ic, out, _manifest(ic, _input_info(ic, prepared), stats, this_run, _earlier_retries(out, stats)))
+
+
+def _earlier_retries(out: str, stats: dict[int, dict]) -> list[dict]:
+    """The retries an earlier manifest of this directory records whose shards are still there (a directory
+    uncommitted by hand after a retry keeps counting each URL once)."""
+    url = storage.join(out, MANIFEST)
+    earlier = storage.read_json(url).get("retries", []) if storage.exists(url) else []
+    return [r for r in earlier if all(int(s) in stats for s in r["shards"])]
+
+
+def _plan_retry(ic: IngestConfig, out: str, manifest: dict) -> bool:
+    """Write the list of the last generation's transient failures and the retry's plan, then uncommit the
+    directory (its new shards are not committed until all are in); False when there is nothing to retry."""
+    from .ingest_retry import write_retry_list
+
+    retries = manifest.get("retries", [])
+    source = retries[-1]["shards"] if retries else [s["shard"] for s in manifest["shards"]]
+    extra = list(manifest["input"].get("extra_columns") or [])
+    rows, has_caption, errors = write_retry_list(out, source, storage.join(out, SCRATCH, "retry.parquet"), extra)
+    if not rows:
+        log.info("ingest %s: no transient failure in shards %s..%s; nothing to retry", out, source[0], source[-1])
+        return False
+    first = max(int(s["shard"]) for s in manifest["shards"]) + 1
+    plan = {
+        "from_shards": source,
+        "shards": [shard_name(first + i) for i in range(math.ceil(rows / ic.shard_size))],
+        "urls": rows,
+        "shard_size": ic.shard_size,
+        "has_caption": has_caption,
+        "extra_columns": extra,
+        "retried_errors": dict(errors.most_common()),
     }
-    manifest = _manifest(ic, prepared, stats, this_run)
-    storage.write_json(manifest_url, manifest)
-    storage.commit(
-        out, {"total": manifest["total"], "successes": manifest["successes"], "n_shards": manifest["n_shards"]}
-    )
-    log.info(
-        "ingest committed at %s: %d/%d images (%.1f%%) in %d shards; this run %d samples in %.1fs "
-        "(%s samples/s overall, %s per worker while downloading); failures: %s",
+    storage.write_json(storage.join(out, RETRY_PLAN), plan)
+    storage.remove(storage.join(out, storage.MARKER))
+    log.info("ingest %s: retrying %d URLs with transient failures into shards %s", out, rows, plan["shards"])
+    return True
+
+
+def _retry(ic: IngestConfig, out: str) -> dict[str, Any]:
+    """Download the planned retry's list into its new shards, then record it in the manifest and commit."""
+    from .ingest_retry import RETRY_OF
+
+    plan = storage.read_json(storage.join(out, RETRY_PLAN))
+    manifest = storage.read_json(storage.join(out, MANIFEST))  # the last committed one
+    ic = ic.model_copy(update={"shard_size": plan["shard_size"]})  # the plan's shards, whatever a resume says
+    ids = [int(s) for s in plan["shards"]]
+    this_run = _download(
+        ic,
         out,
-        manifest["successes"],
-        manifest["total"],
-        100 * manifest["success_rate"],
-        manifest["n_shards"],
-        samples_now,
-        seconds,
-        this_run["samples_per_second"],
-        this_run["worker_samples_per_second"],
-        manifest["failures_by_status"],
+        storage.join(out, SCRATCH, "retry.parquet"),
+        has_caption=plan["has_caption"],
+        extra_columns=[*plan["extra_columns"], RETRY_OF],
+        expected=ids,
+        start_shard_id=ids[0],
     )
-    return manifest
+    stats = _shard_stats(out)
+    record = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: plan[k] for k in ("from_shards", "shards", "urls", "retried_errors")},
+        "recovered": sum(stats[i]["successes"] for i in ids),
+    }
+    # The manifest may already hold this retry, written by a run that stopped before its commit.
+    retries = [*(r for r in manifest.get("retries", []) if r["shards"] != plan["shards"]), record]
+    committed = _commit(ic, out, _manifest(ic, manifest["input"], stats, this_run, retries))
+    storage.remove(storage.join(out, RETRY_PLAN))  # after the commit: a stale plan in a committed directory is inert
+    return committed
+
+
+def run_ingest(cfg: RunConfig, root: str, retry_failed: bool = False) -> dict[str, Any]:
+    """``capfilt ingest``: download the URL list into committed shards; returns the manifest.
+
+    ``retry_failed`` (``capfilt ingest --retry-failed``): on a committed ingest, download again the URLs whose
+    last attempt failed transiently (:mod:`pipelines.ingest_retry`), as new shards after the last one, and commit
+    the manifest with the retry recorded. A retry that was interrupted is finished by the next run, with or without
+    the flag."""
+    ic = cfg.ingest
+    out = storage.RunRoot(root).ingest(ic.source)
+    if storage.is_committed(out):
+        manifest = storage.read_json(storage.join(out, MANIFEST))
+        if not retry_failed:
+            log.info("ingest %s already committed; nothing to do", out)
+            return manifest
+        if not _plan_retry(ic, out, manifest):
+            return manifest
+    if storage.exists(storage.join(out, RETRY_PLAN)):
+        return _retry(ic, out)
+    return _ingest_list(cfg, root, out)

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from .config import AssembleConfig, RunConfig
 
 # Built-in scorers whose first column is known without importing the scorer registry (which imports torch).
-KNOWN_COLUMNS = {"clip": "clip_score"}
+KNOWN_COLUMNS = {"clip": "clip_score", "phash": "leak_distance"}
+LEAK_REASON = "test_set_leak"
 
 
 class KeepRuleError(StageError):
@@ -61,30 +62,46 @@ class ScoreRule:
 
 @dataclass(frozen=True)
 class KeepRule:
-    """``itm_threshold`` None: no ITM condition (the report's sweep adds its own)."""
+    """``itm_threshold`` None: no ITM condition (the report's sweep adds its own). ``duplicate_distance`` set: one
+    image per duplicate group (perceptual hashes within that many bits, ``pipelines/dedup.py``)."""
 
     itm_threshold: float | None
     top_k_synthetic: int | None = None
     score_rules: tuple[ScoreRule, ...] = field(default_factory=tuple)
+    duplicate_distance: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"score_rules": [asdict(r) for r in self.score_rules]}
+        d = asdict(self) | {"score_rules": [asdict(r) for r in self.score_rules]}
+        if self.duplicate_distance is None:  # the record of a rule without it, as before it existed
+            del d["duplicate_distance"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KeepRule:
         return cls(
-            d["itm_threshold"], d.get("top_k_synthetic"), tuple(ScoreRule(**r) for r in d.get("score_rules", ()))
+            d["itm_threshold"],
+            d.get("top_k_synthetic"),
+            tuple(ScoreRule(**r) for r in d.get("score_rules", ())),
+            d.get("duplicate_distance"),
         )
 
     def without_itm(self) -> KeepRule:
         return replace(self, itm_threshold=None)
 
+    def without_duplicates(self) -> KeepRule:
+        """The rule text by text: without dropping duplicates (which needs the whole run's groups)."""
+        return replace(self, duplicate_distance=None)
+
     def columns(self) -> list[str]:
-        """The score columns the rule reads (``itm_score`` always: the top-k ranks by it)."""
-        return ["itm_score", *dict.fromkeys(r.column for r in self.score_rules if r.column != "itm_score")]
+        """The score columns the rule reads (``itm_score`` always: the top-k ranks by it; ``phash`` to group
+        duplicates)."""
+        cols = ["itm_score", *dict.fromkeys(r.column for r in self.score_rules if r.column != "itm_score")]
+        return cols + (["phash"] if self.duplicate_distance is not None and "phash" not in cols else [])
 
     def describe(self) -> str:
         head = "status ok" + ("" if self.itm_threshold is None else f" and itm_score > {self.itm_threshold:g}")
+        if self.duplicate_distance is not None:
+            head += f" and not a duplicate (phash within {self.duplicate_distance} bits; one image per group)"
         k = self.top_k_synthetic
         tail = (
             ""
@@ -106,10 +123,13 @@ def decide(
     group: np.ndarray,
     itm: np.ndarray,
     scores: Mapping[str, np.ndarray],
+    duplicate: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``keep`` (bool) and ``drop_reason`` (object: None or the reason) of each row. Per row: ``ok`` (status ok),
     ``synthetic``, ``candidate`` (any value on web rows), ``group`` (an id of the row's image), ``itm`` (NaN when
-    not scored) and, per score rule's column, its scores (NaN for null)."""
+    not scored), per score rule's column its scores (NaN for null) and, with the rule's ``duplicate_distance``,
+    ``duplicate``: the row's image is a duplicate that is not its group's representative (reason ``duplicate``,
+    checked right after bad input: the whole image goes)."""
     keep = np.asarray(ok, dtype=bool).copy()
     reason = np.full(len(keep), None, dtype=object)
     reason[~keep] = "bad_input"
@@ -119,6 +139,11 @@ def decide(
         fail &= keep
         reason[fail] = why
         keep[fail] = False
+
+    if rule.duplicate_distance is not None:
+        if duplicate is None:
+            raise KeepRuleError("the keep rule drops duplicates, but no duplicate groups were given")
+        drop(np.asarray(duplicate, dtype=bool).copy(), "duplicate")
 
     if rule.itm_threshold is not None:
         drop(~(itm > np.float32(rule.itm_threshold)), "itm_below_threshold")
@@ -158,9 +183,9 @@ def _floats(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.cast(column, pa.float64()), np.nan).to_numpy(zero_copy_only=False))
 
 
-def decide_table(table: pa.Table, rule: KeepRule) -> tuple[np.ndarray, np.ndarray]:
+def decide_table(table: pa.Table, rule: KeepRule, duplicate: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``decide`` over CapFilt rows (columns ``shard``, ``key``, ``source``, ``candidate``, ``status`` and the
-    rule's score columns), every row of each image present."""
+    rule's score columns), every row of each image present; ``duplicate`` as for ``decide``."""
     missing = [c for c in rule.columns() if c not in table.column_names]
     if missing:
         raise KeepRuleError(f"the keep rule reads {missing}, which the Parquet does not have")
@@ -173,6 +198,7 @@ def decide_table(table: pa.Table, rule: KeepRule) -> tuple[np.ndarray, np.ndarra
         group=image_groups(table),
         itm=np.asarray(itm, dtype=np.float32),
         scores={r.column: _floats(table[r.column]) for r in rule.score_rules},
+        duplicate=duplicate,
     )
 
 
@@ -233,15 +259,22 @@ def recorded_settings(capfilt_url: str) -> dict[str, Any] | None:
 
 
 def is_default(acfg: AssembleConfig) -> bool:
-    """Every field null: CapFilt's own ``keep`` column, no rule of assemble's own."""
-    return all(v is None for v in acfg.model_dump().values())
+    """No threshold set and nothing dropped: CapFilt's own ``keep`` column, no rule of assemble's own."""
+    thresholds = ("itm_threshold", "itc_threshold", "clip_threshold", "top_k_synthetic")
+    return all(getattr(acfg, k) is None for k in thresholds) and not (acfg.drop_duplicates or acfg.drop_leaks)
 
 
-def assemble_rule(acfg: AssembleConfig, base: KeepRule) -> KeepRule:
+def assemble_rule(acfg: AssembleConfig, base: KeepRule, leak_distance: int | None = None) -> KeepRule:
     """CapFilt's rule ``base`` with the fields ``assemble:`` sets: ``itm_threshold``, ``top_k_synthetic``, an ITC
-    rule (``itc_score > itc_threshold``, checked right after ITM) and the CLIP rule's lower bound
-    (``clip_score > clip_threshold``; a CapFilt ``keep_below`` on CLIP stays)."""
+    rule (``itc_score > itc_threshold``, checked right after ITM), the CLIP rule's lower bound
+    (``clip_score > clip_threshold``; a CapFilt ``keep_below`` on CLIP stays), ``drop_leaks`` (``leak_distance >
+    leak_distance``, the phash scorer's option as CapFilt recorded it: a text of an image that close to a test
+    image goes, reason ``test_set_leak``) and ``drop_duplicates`` (``duplicate_distance``)."""
+    if acfg.drop_leaks and leak_distance is None:
+        raise KeepRuleError("assemble.drop_leaks: the CapFilt run has no phash scorer (capfilt.scorers.phash)")
     rules = list(base.score_rules)
+    if acfg.drop_leaks:
+        rules.append(ScoreRule("leak_distance", LEAK_REASON, leak_distance))
     if acfg.clip_threshold is not None:
         old = next((r for r in rules if r.column == "clip_score"), None)
         new = ScoreRule("clip_score", "clip_rule", acfg.clip_threshold, old.below if old else None)
@@ -252,16 +285,28 @@ def assemble_rule(acfg: AssembleConfig, base: KeepRule) -> KeepRule:
         base.itm_threshold if acfg.itm_threshold is None else acfg.itm_threshold,
         base.top_k_synthetic if acfg.top_k_synthetic is None else acfg.top_k_synthetic,
         tuple(rules),
+        acfg.duplicate_distance if acfg.drop_duplicates else None,
     )
 
 
 def set_columns(acfg: AssembleConfig) -> dict[str, str]:
-    """The score columns ``assemble:`` puts a threshold on, by config field."""
+    """The score columns ``assemble:`` puts a rule on, by config field."""
     return {
         f"assemble.{name}": column
-        for name, column in (("itc_threshold", "itc_score"), ("clip_threshold", "clip_score"))
-        if getattr(acfg, name) is not None
+        for name, column in (
+            ("itc_threshold", "itc_score"),
+            ("clip_threshold", "clip_score"),
+            ("drop_leaks", "leak_distance"),
+            ("drop_duplicates", "phash"),
+        )
+        if getattr(acfg, name) not in (None, False)
     }
+
+
+def leak_distance(settings: Mapping[str, Any]) -> int | None:
+    """The phash scorer's ``leak_distance`` option as a CapFilt run recorded it (None: no phash scorer)."""
+    phash = (settings.get("scorers") or {}).get("phash")
+    return None if phash is None else int(phash["options"]["leak_distance"])
 
 
 def column_has_values(files: Sequence[str], column: str, storage_options: dict | None = None) -> bool:

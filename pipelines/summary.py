@@ -82,6 +82,69 @@ def filter_agreement(capfilt_url: str, truth_url: str) -> dict[str, Any] | None:
     }
 
 
+def _pr(flagged: np.ndarray, true: np.ndarray) -> dict[str, Any]:
+    tp = int((flagged & true).sum())
+    return {
+        "true": int(true.sum()),
+        "flagged": int(flagged.sum()),
+        "precision": tp / max(int(flagged.sum()), 1),
+        "recall": tp / max(int(true.sum()), 1),
+    }
+
+
+def copies_agreement(capfilt_url: str, copies_url: str, duplicate_distance: int, leak_distance: int) -> dict | None:
+    """The phash scorer's duplicates and test-set leaks against the world's injected copies (``truth/copies.parquet``,
+    joined by the image URL's path), per web image with a hash. Duplicates: the groups of ``pipelines/dedup.py`` at
+    ``duplicate_distance``; an image is flagged when it is not its group's representative (what
+    ``assemble.drop_duplicates`` drops), rightly when the representative has the same source (a copy's source is
+    the image it copies, an original's itself); recall is over the duplicate copies. Leaks: ``leak_distance <=
+    leak_distance`` against the leak copies. None when the world has no copies or the run no phash scorer."""
+    from .dedup import group_representatives
+
+    fs, path = storage.filesystem(copies_url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        copies = pq.read_table(f).to_pylist()
+    cols = ["shard", "key", "url", "source", "phash", "leak_distance"]
+    try:
+        rows = _read_table(capfilt_url, cols)
+    except (KeyError, ValueError, pa.ArrowInvalid):  # no phash scorer in this run
+        return None
+    rows = rows.filter(pc.and_(pc.equal(rows["source"], "web"), pc.is_valid(rows["phash"])))
+    img = rows.group_by(["shard", "key"], use_threads=False).aggregate(
+        [("url", "min"), ("phash", "min"), ("leak_distance", "min")]
+    )
+    img = img.sort_by([("shard", "ascending"), ("key", "ascending")])
+    paths = np.array([urlparse(u).path.lstrip("/") for u in img["url_min"].to_pylist()], dtype=object)
+    by_path = {c["path"]: c for c in copies}
+    origin = np.array([by_path[p]["source_path"] if p in by_path else p for p in paths], dtype=object)
+    kind = np.array([by_path[p]["kind"] if p in by_path else None for p in paths], dtype=object)
+    how = np.array([by_path[p]["transform"].split(":")[0] if p in by_path else None for p in paths], dtype=object)
+    rep = group_representatives(img["phash_min"].to_numpy(), duplicate_distance)
+    flagged = rep != np.arange(len(rep))
+    right = flagged & (origin == origin[rep])
+    dup = kind == "duplicate"
+    leak_flag = img["leak_distance_min"].to_numpy() <= leak_distance
+    leak = kind == "leak"
+    out: dict[str, Any] = {
+        "images": len(paths),
+        "duplicates": {
+            **_pr(flagged, dup),
+            "precision": int(right.sum()) / max(int(flagged.sum()), 1),
+            "recall": int((right & dup).sum()) / max(int(dup.sum()), 1),
+            "distance": duplicate_distance,
+        },
+        "leaks": {**_pr(leak_flag, leak), "distance": leak_distance},
+    }
+    for name, sel, found in (("duplicates", dup, right), ("leaks", leak, leak_flag)):
+        out[name]["recall_by_transform"] = {
+            t: float((found & sel & (how == t)).sum() / max(int((sel & (how == t)).sum()), 1))
+            for t in sorted({h for h in how[sel] if h})
+        }
+    return out
+
+
 def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
     rr = storage.RunRoot(root)
     rounds = cfg.flow.rounds
@@ -89,6 +152,7 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
     manifest = storage.read_json(storage.join(ingest_url, "manifest.json"))
     out: dict[str, Any] = {
         "root": root,
+        "mode": cfg.flow.mode,
         "ingest": {k: manifest.get(k) for k in ("total", "successes", "success_rate")},
         "rounds": [],
     }
@@ -102,12 +166,13 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
                 "capfilt": capfilt_url,
                 "dataset": dataset,
                 "filter_vs_truth": filter_agreement(capfilt_url, truth) if cfg.world is not None else None,
-                "captioner": storage.join(rr.round(k, "captioner"), "model"),
-                "filter": storage.join(rr.round(k, "filter"), "model"),
+                "copies_vs_truth": copies_vs_truth(cfg, rr, capfilt_url),
+                "captioner": cfg.capfilt.captioner or storage.join(rr.round(k, "captioner"), "model"),
+                "filter": cfg.capfilt.filter or storage.join(rr.round(k, "filter"), "model"),
                 "report": storage.join(rr.round(k, "eval"), "report.html"),
             }
         )
-    out["eval_paths"] = {k: storage.join(rr.round(k, "eval"), "metrics.json") for k in range(1, rounds + 2)}
+    out["eval_paths"] = {k: storage.join(rr.round(k, "eval"), "metrics.json") for k in cfg.pretrained_rounds}
     out["eval"] = {k: storage.read_json(url) for k, url in out["eval_paths"].items()}
     out["duckdb"] = (
         f'duckdb -c "SELECT source, count(*) AS rows, avg(keep::INT) AS kept_share FROM '
@@ -115,6 +180,17 @@ def run_summary(cfg: RunConfig, root: str) -> dict[str, Any]:
     )
     out["text"], out["markdown"] = _render(out)
     return out
+
+
+def copies_vs_truth(cfg: RunConfig, rr: storage.RunRoot, capfilt_url: str) -> dict | None:
+    """``copies_agreement`` for a world with injected copies and a run with the phash scorer, else None."""
+    phash = cfg.capfilt.scorers.get("phash")
+    if cfg.world is None or phash is None or not phash.enabled:
+        return None
+    from .world.layout import copies_url
+
+    leak = int((phash.model_extra or {}).get("leak_distance", 4))
+    return copies_agreement(capfilt_url, copies_url(rr.world()), cfg.assemble.duplicate_distance, leak)
 
 
 def _pct(x: float | None) -> str:
@@ -128,7 +204,7 @@ def _render(s: dict) -> tuple[str, str]:
         f"  images ingested: {ing['successes']} of {ing['total']} URLs ({_pct(ing['success_rate'])})",
     ]
     md = [
-        f"# CapFilt bootstrap: `{s['root']}`",
+        f"# CapFilt {s.get('mode', 'bootstrap')}: `{s['root']}`",
         "",
         f"Images ingested: **{ing['successes']}** of {ing['total']} URLs ({_pct(ing['success_rate'])}).",
         "",
@@ -137,6 +213,7 @@ def _render(s: dict) -> tuple[str, str]:
         "| round | web kept | synthetic kept | human pairs | next-round pairs | filter precision | filter recall | filter AUC |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []  # after the table: duplicates and leaks against the world's truth
     for r in s["rounds"]:
         d, f = r["dataset"], r["filter_vs_truth"]
         web = d["web"]["kept"] / max(d["web"]["total"], 1)
@@ -146,6 +223,17 @@ def _render(s: dict) -> tuple[str, str]:
             f"{d['synthetic']['kept']}/{d['synthetic']['total']} synthetic ({_pct(syn)}); "
             f"next round trains on {d['total_pairs']} pairs"
         )
+        c = r.get("copies_vs_truth")
+        if c:
+            for name in ("duplicates", "leaks"):
+                x = c[name]
+                line = (
+                    f"{name} vs ground truth (phash within {x['distance']} bits): flagged {x['flagged']} of "
+                    f"{c['images']} web images; precision {_pct(x['precision'])}, recall {_pct(x['recall'])} "
+                    f"of the {x['true']} injected"
+                )
+                text.append("    " + line)
+                notes.append(f"- round {r['round']}, {line}.")
         if f:
             auc = "n/a" if f["filter_auc"] is None else f"{f['filter_auc']:.3f}"
             text.append(
@@ -162,12 +250,14 @@ def _render(s: dict) -> tuple[str, str]:
                 else "n/a | n/a | n/a |"
             )
         )
-    md += [
-        "",
-        "| evaluated model | retrieval R@1 (mean TR/IR) | CIDEr | caption attribute accuracy |",
-        "|---|---|---|---|",
-    ]
-    text.append("  evaluation on the held-out set (each round's pre-trained model):")
+    md += [""] + notes if notes else []
+    if s["eval"]:
+        md += [
+            "",
+            "| evaluated model | retrieval R@1 (mean TR/IR) | CIDEr | caption attribute accuracy |",
+            "|---|---|---|---|",
+        ]
+        text.append("  evaluation on the held-out set (each round's pre-trained model):")
     for k, m in s["eval"].items():
         attr = m.get("caption_attribute_accuracy")
         attr_s = "n/a" if attr is None else f"{attr:.1f}%"

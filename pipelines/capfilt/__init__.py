@@ -3,13 +3,14 @@
 settings.py  what a run does, resolved once on the driver; its fingerprint
 models.py    the seams: ``Captioner`` and ``Scorer`` base classes and their registries
 blip.py      BLIP's captioner and filter (ITM/ITC)      clip.py  the CLIP score
+phash.py     perceptual hashes: duplicates and test-set leaks
 pixels.py    each model's pixels                         decode.py  shard read + decode tasks
 actors.py    Ray actors hosting a model on fixed-shape batches
 rows.py      the output schema and the keep rule        commit.py  units, markers, exactly once
 stage.py     run_caption_filter: the Ray Data pipeline  local.py  the same stages in one process
 """
 
-from . import blip, clip  # noqa: F401  - register the built-in captioner and scorers
+from . import blip, clip, phash  # noqa: F401  - register the built-in captioner and scorers
 from .commit import Unit
 from .local import LocalRunner
 from .models import CAPTIONERS, SCORERS, CapfiltError, Captioner, ModelRef, Scorer, register_captioner, register_scorer

@@ -6,6 +6,7 @@ writers and the driver know from it when a shard's rows are all there (stage.py)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..shards import ShardSample, iter_shard, shard_name
 from .pixels import pil_transform
-from .rows import SHARD_END, SHARD_READ_COLUMN, UNIT_COLUMN
+from .rows import EXTRA_COLUMN, SHARD_END, SHARD_READ_COLUMN, UNIT_COLUMN
 from .settings import Settings, image_seed
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class ShardDecoder:
             "url": np.array([s.meta.get("url") if isinstance(s.meta, dict) else None for s in samples], dtype=object),
             "seed": np.array([image_seed(self.settings.seed, s.key) for s in samples], dtype=np.int64),
         }
+        if self.settings.extra_columns:  # the ingest's extra columns from each sample's .json, for rows.build_rows
+            names = [f.name for f in self.settings.extra_columns]
+            metas = [s.meta if isinstance(s.meta, dict) else {} for s in samples]
+            out[EXTRA_COLUMN] = np.array([json.dumps({c: m.get(c) for c in names}) for m in metas], dtype=object)
         texts, lengths, tstat, istat, errors = [], [], [], [], []
         pixels = {s.column: np.zeros((n, s.size, s.size, 3), dtype=np.uint8) for s in self.specs}
         for i, s in enumerate(samples):

@@ -1,5 +1,5 @@
-"""The CapFilt Parquet's rows: the schema (version 1, plus the columns of extra scorers at the end) and the keep
-decisions, made by the keep rule of ``pipelines/keep_rule.py`` (which ``capfilt assemble`` applies again, with
+"""The CapFilt Parquet's rows: the schema (version 2, then the columns of extra scorers, then the ingest's extra
+columns) and the keep decisions, made by the keep rule of ``pipelines/keep_rule.py`` (which ``capfilt assemble`` applies again, with
 thresholds of its own, over the stored scores).
 
 The keep rule: a text is kept when its status is ``ok``, the filter's ITM P(match) exceeds
@@ -14,11 +14,15 @@ Bad input never fails a batch: an image that is missing or cannot be decoded get
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .. import storage
+from ..ingest import MANIFEST
 from ..keep_rule import KeepRule, ScoreRule, decide
 
 if TYPE_CHECKING:
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 
 STATUSES = ("ok", "corrupt_image", "missing_image", "empty_text", "text_too_long")
 UNIT_COLUMN = "_unit"  # internal: the commit unit of a row, never written
+EXTRA_COLUMN = "_extra"  # internal: an image's ingest extra columns as JSON text (decode.py), never written
 # Internal, never written: the reader ends each shard with one row of status SHARD_END, whose SHARD_READ_COLUMN
 # holds the number of samples it read (-1 on every other row) and whose ``error`` says why a broken tar ended early.
 SHARD_END = "shard_end"
@@ -48,7 +53,6 @@ BASE_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("text_length", pa.int32(), nullable=False),
-        pa.field("round", pa.int32(), nullable=False),
         pa.field("captioner_id", pa.string(), nullable=False),
         pa.field("filter_id", pa.string(), nullable=False),
     ]
@@ -57,14 +61,39 @@ OUTPUT_SCHEMA = BASE_SCHEMA  # the schema of a run without extra scorers
 SCORE_COLUMNS = ("itm_score", "itc_score", "clip_score")  # built-in scores: null where their scorer did not run
 
 
+def _scorer_fields(settings: Settings) -> list[pa.Field]:
+    return [f for s in settings.scorers for f in s.cls.columns if f.name not in BASE_SCHEMA.names]
+
+
 def output_schema(settings: Settings) -> pa.Schema:
-    """Version 1's columns, then each extra scorer's own columns in the order the scorers run."""
-    extra = [f for s in settings.scorers for f in s.cls.columns if f.name not in BASE_SCHEMA.names]
-    return pa.schema(list(BASE_SCHEMA) + extra)
+    """Version 2's columns, then each extra scorer's own columns in the order the scorers run, then the ingest's
+    extra columns (``ingest.extra_columns``)."""
+    return pa.schema(list(BASE_SCHEMA) + _scorer_fields(settings) + list(settings.extra_columns))
 
 
 def score_columns(settings: Settings) -> list[str]:
-    return list(SCORE_COLUMNS) + [f.name for f in output_schema(settings)][len(BASE_SCHEMA) :]
+    return list(SCORE_COLUMNS) + [f.name for f in _scorer_fields(settings)]
+
+
+def ingest_extra_fields(ingest_url: str) -> list[pa.Field]:
+    """The extra columns an ingest carried (its manifest's ``input.extra_columns``), typed and ordered as its shards'
+    Parquet holds them (img2dataset keeps the list's Arrow types there); none for an ingest without any."""
+    url = storage.join(ingest_url, MANIFEST)
+    names = set(storage.read_json(url)["input"].get("extra_columns") or ()) if storage.exists(url) else set()
+    if not names:
+        return []
+    tables = storage.list_files(ingest_url, ".parquet")
+    with storage.open_url(tables[0], "rb") as f:
+        schema = pq.read_schema(f)
+    return [f for f in schema if f.name in names]
+
+
+def check_extra_columns(settings: Settings) -> str | None:
+    """Why the ingest's extra columns cannot join the CapFilt rows (a name the rows already use, compared without
+    case as DuckDB and Spark do), or None."""
+    taken = {f.name.lower() for f in list(BASE_SCHEMA) + _scorer_fields(settings)}
+    clash = [f.name for f in settings.extra_columns if f.name.lower() in taken]
+    return f"the ingest's extra columns {clash} clash with CapFilt's columns" if clash else None
 
 
 def describe_keep_rule(settings: Settings) -> str:
@@ -82,7 +111,9 @@ def describe_keep_rule(settings: Settings) -> str:
     )
 
 
-def _nan_to_none(x: float) -> float | None:
+def _nan_to_none(x: float) -> float | int | None:
+    if isinstance(x, np.integer):  # an integer scorer column (a hash): exact
+        return int(x)
     return None if x is None or np.isnan(x) else float(x)
 
 
@@ -128,11 +159,16 @@ def build_rows(batch: dict[str, np.ndarray], settings: Settings) -> pa.Table:
         cols["error"].append(error)
         cols["seed"].append(int(batch["seed"][i]) if source == "synthetic" and s.method == "nucleus" else None)
         cols["text_length"].append(length)
-        cols["round"].append(s.round)
+        for f, v in zip(s.extra_columns, extras[i]):
+            cols[f.name].append(v)
         cols["captioner_id"].append(s.captioner.id)
         cols["filter_id"].append(s.filter.id)
         cols[UNIT_COLUMN].append(int(batch[UNIT_COLUMN][i]))
 
+    extras: list[list] = [[]] * n  # per image, the values of s.extra_columns
+    if s.extra_columns:
+        metas = [json.loads(x) if x else {} for x in batch[EXTRA_COLUMN]]
+        extras = [[m.get(f.name) for f in s.extra_columns] for m in metas]
     for i in range(n):
         image_status = str(batch["image_status"][i])
         err = batch["error"][i]

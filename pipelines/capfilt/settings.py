@@ -7,12 +7,16 @@ import json
 import platform
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
+from .. import storage
 from ..config import RunConfig
 from ..stream import derive_seed
 from .models import CapfiltError, ModelRef, captioner_class, import_plugins, scorer_class
 from .pixels import PixelSpec
+from .rows import check_extra_columns, ingest_extra_fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no `round` column (the directory round=K names it; docs/DESIGN.md)
 FILTER = "blip_itm"  # the default filter: the scorer whose ITM P(match) is CapFilt's keep rule; it always runs
 
 
@@ -43,6 +47,7 @@ class Settings:
     scorers: list[ModelRef] = field(default_factory=list)
     decode_batch_rows: int = 64
     plugins: list[str] = field(default_factory=list)
+    extra_columns: list[pa.Field] = field(default_factory=list)  # the ingest's (ingest.extra_columns), typed
 
     def models(self) -> list[ModelRef]:
         return [self.captioner, *self.scorers, self.filter]
@@ -85,6 +90,8 @@ class Settings:
             fp["captioner_kind"] = self.captioner.kind
         if self.filter.kind != FILTER:
             fp["filter_kind"] = self.filter.kind
+        if self.extra_columns:
+            fp["extra_columns"] = [[f.name, str(f.type)] for f in self.extra_columns]
         others = [s for s in self.scorers if s.kind != "clip"]
         if others or (clip and (clip.keep_above, clip.keep_below) != (None, None)):
             fp["scorers"] = {
@@ -159,7 +166,7 @@ def resolve_settings(cfg: RunConfig, root: str, round: int, *, use_gpu: bool | N
             if f.name in seen:
                 raise CapfiltError(f"scorers {seen[f.name]!r} and {ref.kind!r} both write column {f.name!r}")
             seen[f.name] = ref.kind
-    return Settings(
+    settings = Settings(
         round=round,
         seed=cfg.seed,
         source=cc.source or cfg.ingest.source,
@@ -182,4 +189,9 @@ def resolve_settings(cfg: RunConfig, root: str, round: int, *, use_gpu: bool | N
         scorers=scorers,
         decode_batch_rows=cc.decode_batch_rows,
         plugins=list(cc.plugins),
+        extra_columns=ingest_extra_fields(storage.RunRoot(root).ingest(cc.source or cfg.ingest.source)),
     )
+    clash = check_extra_columns(settings)
+    if clash:
+        raise CapfiltError(f"{clash}: rename them in the URL list and ingest it again")
+    return settings

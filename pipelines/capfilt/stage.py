@@ -28,6 +28,7 @@ import builtins
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,29 +123,44 @@ def stream_units(
     todo: Sequence[Unit],
     commit: Callable[[Unit, dict[str, dict]], Any],
     on_commit: Callable[[Unit, dict], None],
+    concurrency: int,
 ) -> None:
     """Run the dataset, hand each unit to ``commit(unit, shards)`` (which returns a Ray ObjectRef of the unit's
-    marker) as soon as its samples are all staged, and call ``on_commit(unit, marker)`` as the commits finish.
-    Raises when the stream ends with units incomplete; units committed until then stay committed."""
+    marker) once its samples are all staged, at most ``concurrency`` at a time (each commit task runs in a Ray
+    worker process: unbounded, a burst of complete units would start a process per unit), and call
+    ``on_commit(unit, marker)`` as the commits finish. Raises when the stream ends with units incomplete; units
+    committed until then stay committed."""
     import ray
 
     tracker = UnitTracker(todo)
+    ready_units: deque[tuple[Unit, dict[str, dict]]] = deque()
     pending: dict[Any, Unit] = {}
 
-    def reap(wait_all: bool) -> None:
-        if not pending:
-            return
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=None if wait_all else 0)
-        for ref in ready:
-            on_commit(pending.pop(ref), ray.get(ref))
+    def reap(until: int) -> None:
+        """Collect finished commits, waiting while more than ``until`` are in flight; then submit ready units."""
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=None if len(pending) > until else 0)
+            if not done:
+                break
+            for ref in done:
+                on_commit(pending.pop(ref), ray.get(ref))
+            while ready_units and len(pending) < concurrency:
+                unit, shards = ready_units.popleft()
+                pending[commit(unit, shards)] = unit
 
     try:
         for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-            for unit in tracker.add(counts):
-                pending[commit(unit, tracker.take(unit))] = unit
-            reap(wait_all=False)
+            ready_units.extend((unit, tracker.take(unit)) for unit in tracker.add(counts))
+            while ready_units and len(pending) < concurrency:
+                unit, shards = ready_units.popleft()
+                pending[commit(unit, shards)] = unit
+            reap(until=concurrency)
     finally:
-        reap(wait_all=True)
+        while ready_units or pending:
+            while ready_units and len(pending) < concurrency:
+                unit, shards = ready_units.popleft()
+                pending[commit(unit, shards)] = unit
+            reap(until=0)
     incomplete = tracker.incomplete()
     if incomplete:
         raise CapfiltError(f"the run ended with units whose samples were not all staged: {incomplete}")
@@ -218,7 +234,7 @@ def run_caption_filter(cfg: RunConfig, root: str, round: int) -> dict:
                 f"; broken shards: {marker['shard_errors']}" if marker["shard_errors"] else "",
             )
 
-        stream_units(build_dataset(todo, settings, cfg, out), todo, commit, on_commit)
+        stream_units(build_dataset(todo, settings, cfg, out), todo, commit, on_commit, cc.commit_concurrency)
         this_run["seconds"] = builtins.round(time.time() - started, 3)
         this_run["images_per_second"] = builtins.round(this_run["images"] / max(this_run["seconds"], 1e-9), 2)
     summary = _summary(plan, done, settings, this_run, time.time() - t0)

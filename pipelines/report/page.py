@@ -11,7 +11,7 @@ import numpy as np
 from .. import storage
 from ..config import RunConfig
 from ..errors import StageError
-from ..keep_rule import assemble_rule, capfilt_rule, config_settings, recorded_settings
+from ..keep_rule import assemble_rule, capfilt_rule, config_settings, leak_distance, recorded_settings
 from ..summary import filter_agreement
 from .charts import bar_chart, fmt, line_chart
 from .scan import (
@@ -327,7 +327,8 @@ def _sweep_for(cfg: RunConfig, capfilt_url: str) -> tuple[Sweep | None, str | No
     settings = recorded_settings(capfilt_url) or config_settings(cfg)
     try:
         base = capfilt_rule(settings, cfg.capfilt.plugins, order=list(cfg.capfilt.scorers))
-        return Sweep(assemble_rule(cfg.assemble, base)), None
+        # duplicates are dropped image by image over the whole run: the sweep counts the rule without them
+        return Sweep(assemble_rule(cfg.assemble, base, leak_distance(settings)).without_duplicates()), None
     except StageError as err:
         return None, str(err)
 

@@ -134,7 +134,10 @@ def _sources(cfg: RunConfig, root: str, round: int, job: str, karpathy: dict) ->
 
 
 def _init(init: str, root: str, round: int, job: str) -> str:
-    """``train.<job>.init`` resolved: "scratch", or the URL of the checkpoint the job starts from."""
+    """``train.<job>.init`` resolved: "scratch", or the URL of the checkpoint the job starts from. A fine-tune's
+    checkpoint (a released model) starts round 1 only: later rounds fine-tune their own pre-trained model."""
+    if job != "pretrain" and round > 1 and init not in ("pretrain", "previous", "scratch"):
+        init = "pretrain"
     if init == "pretrain":
         if job == "pretrain":
             raise TrainError(

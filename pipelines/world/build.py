@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..config import RunConfig, WorldConfig
 from ..errors import StageError
+from .copies import plan, transform
 from .images import jpeg, render_image
 from .language import (
     BACKGROUNDS,
@@ -35,7 +36,7 @@ from .language import (
     sample_facts,
     seeded_rng,
 )
-from .layout import URL_PLACEHOLDER, WORLD_LAYOUT, world_files
+from .layout import COPIES_FILE, URL_PLACEHOLDER, WORLD_LAYOUT, copies_url, world_files
 from .noise import NOISE_TYPES, WebRow, apply_noise, assign
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ def resolve_counts(world: WorldConfig) -> dict[str, int]:
 
 def _settings(world: WorldConfig, seed: int) -> dict:
     mix_total = sum(world.noise_mix.values())
+    copies = (
+        {"duplicate_rate": world.duplicate_rate, "leak_rate": world.leak_rate}
+        if world.duplicate_rate or world.leak_rate
+        else {}  # a world without copies keeps the settings (and hash) it had before they existed
+    )
     return {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
@@ -69,6 +75,7 @@ def _settings(world: WorldConfig, seed: int) -> dict:
         "captions_per_human_image": world.captions_per_human_image,
         "noise_rate": world.noise_rate,
         "noise_mix": {t: world.noise_mix.get(t, 0.0) / mix_total for t in NOISE_TYPES},
+        **copies,
     }
 
 
@@ -118,6 +125,41 @@ def _web_captions(web_facts: list[dict], world: WorldConfig, seed: int) -> dict[
         captions.append(cap)
         details.append(detail)
     return {"clean": clean, "caption": captions, "noise_type": kinds, "noise_detail": details}
+
+
+def _write_copies(world_url: str, facts: dict[str, list[dict]], web: dict[str, list], world: WorldConfig, seed: int):
+    """Append the injected copies (:mod:`.copies`) to the web split: their images, facts and clean captions
+    (``facts`` and ``web`` grow in place); returns the columns of ``truth/copies.parquet`` (None without copies)."""
+    n_web = len(facts["web"])
+    copies = plan(n_web, len(facts["test"]), world.duplicate_rate, world.leak_rate, seed)
+    if not copies:
+        return None
+    fs, base = storage.filesystem(world_url)
+    truth: dict[str, list] = {"row": [], "path": [], "kind": [], "source_path": [], "transform": []}
+    batch: dict[str, bytes] = {}
+    for j, c in enumerate(copies):
+        source = f"{c.split}/{c.index:06d}.jpg"
+        data, detail = transform(
+            fs.cat_file(posixpath.join(base, "images", source)), c.transform, seeded_rng(seed, 301, j)
+        )
+        row = n_web + j
+        batch[posixpath.join(base, "images", "web", f"{row:06d}.jpg")] = data
+        src_facts = facts[c.split][c.index]
+        facts["web"].append(src_facts)
+        caption = render_caption(src_facts, seeded_rng(seed, 302, j))
+        for column, text in (("clean", caption), ("caption", caption), ("noise_type", None), ("noise_detail", None)):
+            web[column].append(text)
+        for column, value in zip(truth, (row, f"web/{row:06d}.jpg", c.kind, source, detail)):
+            truth[column].append(value)
+        if len(batch) >= _IMAGE_BATCH:
+            fs.pipe(batch)
+            batch = {}
+    if batch:
+        fs.pipe(batch)
+    return {
+        "row": pa.array(truth["row"], pa.int64()),
+        **{k: pa.array(v, pa.string()) for k, v in truth.items() if k != "row"},
+    }
 
 
 def _publish_parquet(url: str, columns: dict[str, pa.Array]) -> None:
@@ -189,7 +231,10 @@ def generate_world(world: WorldConfig, seed: int, world_url: str) -> dict:
     files = world_files(world_url)
     facts = {split: _write_images(world_url, split, counts[split], seed, world.image_size) for split in SPLITS}
     web = _web_captions(facts["web"], world, seed)
+    copies = _write_copies(world_url, facts, web, world, seed)
     _write_web(files, facts, web)
+    if copies is not None:
+        _publish_parquet(copies_url(world_url), copies)
     train, test = _write_human(files, facts, seed, world.captions_per_human_image)
 
     measured = Counter(k for k in web["noise_type"] if k is not None)
@@ -214,6 +259,9 @@ def generate_world(world: WorldConfig, seed: int, world_url: str) -> dict:
         },
         "seconds": round(time.time() - t0, 3),
     }
+    if copies is not None:
+        kinds = Counter(copies["kind"].to_pylist())
+        manifest["copies"] = {"duplicates": kinds["duplicate"], "leaks": kinds["leak"], "file": COPIES_FILE}
     storage.write_json(files["manifest"], manifest)
     return manifest
 

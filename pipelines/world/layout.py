@@ -17,6 +17,13 @@ WORLD_LAYOUT: dict[str, str] = {
 }
 
 
+COPIES_FILE = "truth/copies.parquet"  # only in a world with injected copies (world.duplicate_rate / leak_rate)
+
+
+def copies_url(world_url: str) -> str:
+    return storage.join(world_url, *COPIES_FILE.split("/"))
+
+
 def world_files(world_url: str) -> dict[str, str]:
     """Every path of a world by name, as URLs (``human.*: null`` in a config resolves to ``human_*``)."""
     return {name: storage.join(world_url, *rel.split("/")) for name, rel in WORLD_LAYOUT.items()}

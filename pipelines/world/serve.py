@@ -1,4 +1,5 @@
-"""The world's images over HTTP on 127.0.0.1 while ``capfilt ingest`` downloads them (the ``{base}`` of its URLs)."""
+"""The world's images over HTTP while ``capfilt ingest`` downloads them (the ``{base}`` of its URLs): on 127.0.0.1,
+or on the address a Ray cluster's other nodes reach this machine by."""
 
 from __future__ import annotations
 
@@ -61,10 +62,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_directory(url: str) -> Iterator[str]:
-    """Serve the files under ``url`` (any fsspec URL) over HTTP on 127.0.0.1, on a free port.
+def serve_directory(url: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve the files under ``url`` (any fsspec URL) over HTTP on ``host`` (loopback by default), on a free port.
 
-    Yields the base URL (``http://127.0.0.1:PORT``); a file ``url/a/b.jpg`` is at ``BASE/a/b.jpg``. Files are
+    Yields the base URL (``http://HOST:PORT``); a file ``url/a/b.jpg`` is at ``BASE/a/b.jpg``. Files are
     read through fsspec on each request, so an ``s3://`` directory serves the same way as a local one.
     Only GET and HEAD; paths that leave the directory are 404s.
     """
@@ -72,11 +73,11 @@ def serve_directory(url: str) -> Iterator[str]:
     # object stores too (opening a prefix there reads as an empty file).
     fs, root = storage.filesystem(url)
     handler = type("WorldHandler", (_Handler,), {"fs": fs, "root": root.rstrip("/")})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="capfilt-http", daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base = f"http://{host}:{server.server_address[1]}"
     log.info("serving %s at %s", url, base)
     try:
         yield base
@@ -87,7 +88,8 @@ def serve_directory(url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_world(world_url: str) -> Iterator[str]:
-    """Serve a world's ``images/`` (never ``truth/``) on 127.0.0.1; yields what replaces ``{base}``."""
-    with serve_directory(world_files(world_url)["images"]) as base:
+def serve_world(world_url: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve a world's ``images/`` (never ``truth/``) on ``host``; yields what replaces ``{base}``. Loopback unless
+    the downloads run on other machines (a Ray cluster's nodes): then an address of this machine they reach."""
+    with serve_directory(world_files(world_url)["images"], host) as base:
         yield base

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import http.server
 import io
 import json
 import os
+import signal
 import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -294,3 +300,200 @@ def test_url_list_formats_read_the_same_exact_strings(tmp_path):
     prepared = prepare_url_list(IngestConfig(url_list=str(tmp_path / "many")), str(folder))
     assert prepared.rows_per_file == [1, 2, 3] and prepared.expected_shards(2) == [0, 1, 2, 3]
     assert os.listdir(folder) and sorted(os.listdir(folder)) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+
+
+# ------------------------------------------------------------------------------------------------ Ray and retries
+
+
+class _SiteHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory; ``flaky-*`` files answer 503 to their first request; with ``kill`` armed, the first
+    request for ``die.jpg`` SIGKILLs the process that sent it (a Ray worker running a shard task)."""
+
+    state: dict = {}
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        name = self.path.rsplit("/", 1)[-1]
+        with self.state["lock"]:
+            seen = self.state["seen"].setdefault(name, 0)
+            self.state["seen"][name] += 1
+            kill = name == "die.jpg" and self.state.get("kill")
+            if kill:
+                self.state["kill"] = False
+        if name.startswith("flaky-") and seen == 0:
+            self.send_error(503, "Service Unavailable")
+            return
+        if kill:
+            import psutil  # Ray's own copy, importable once ray is
+
+            port = self.server.server_address[1]
+            conn = next(
+                c
+                for c in psutil.net_connections("tcp")
+                if c.laddr.port == self.client_address[1] and c.raddr and c.raddr.port == port
+            )
+            assert conn.pid != os.getpid()
+            os.kill(conn.pid, signal.SIGKILL)
+            self.state["killed"] = conn.pid
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _site(folder: Path) -> Iterator[tuple[str, dict]]:
+    state = {"lock": threading.Lock(), "seen": {}}
+    handler = type("H", (_SiteHandler,), {"state": state})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _photo_list(tmp_path: Path, names: list[str]) -> tuple[Path, Path]:
+    site = tmp_path / "site"
+    site.mkdir()
+    for i, name in enumerate(names):
+        if not name.startswith("gone"):
+            (site / name).write_bytes(_jpeg((30 + 3 * i, 20 + 2 * i), (7 * i % 256, 40, 200 - 5 * i)))
+    return site, tmp_path / "urls.csv"
+
+
+def _write_list(path: Path, base: str, names: list[str]) -> list[tuple[str, str]]:
+    rows = [(f"{base}/{n}", f"caption {i} of {n} ✓") for i, n in enumerate(names)]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("url", "caption"), *rows])
+    return rows
+
+
+def test_ray_shards_equal_the_processes_and_resume_and_a_killed_task_is_retried(ray_session, tmp_path):
+    from pipelines.config import load_config
+    from pipelines.ingest import run_ingest
+
+    names = [f"{i:02d}.jpg" for i in range(20)] + ["die.jpg", "gone.jpg"]
+    site, list_path = _photo_list(tmp_path, names)
+    (site / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    names.append("corrupt.jpg")
+
+    def ingest(root: str, distributor: str) -> dict:
+        overrides = [
+            f"ingest.url_list={list_path}",
+            "ingest.input_format=csv",
+            "ingest.shard_size=8",
+            f"ingest.distributor={distributor}",
+        ]
+        return run_ingest(load_config(TINY, overrides), root)
+
+    with _site(site) as (base, state):
+        _write_list(list_path, base, names)
+        by_processes = ingest(str(tmp_path / "mp"), "multiprocessing")
+        state["kill"] = True
+        by_ray = ingest(str(tmp_path / "ray"), "ray")
+        assert state.get("killed"), "the shard task was not killed"
+        assert state["seen"]["die.jpg"] == 3  # once by the processes, twice by Ray: the killed task was retried
+        mp_out, ray_out = (storage.RunRoot(str(tmp_path / r)).ingest("web") for r in ("mp", "ray"))
+        # Same shards, statuses, keys, order, captions, image bytes and metadata as the processes' ingest.
+        assert (
+            by_ray["this_run"]["distributor"] == "ray" and by_processes["this_run"]["distributor"] == "multiprocessing"
+        )
+        strip = ("this_run",)
+        assert {k: v for k, v in by_ray.items() if k not in strip} == {
+            k: v for k, v in by_processes.items() if k not in strip
+        }
+        assert by_ray["n_shards"] == 3 and by_ray["successes"] == 21 and by_ray["failed"] == 2
+        assert read_shards(ray_out) == read_shards(mp_out)
+        for shard in list_shards(ray_out):
+            assert [s.key for s in iter_shard(shard)] == [s.key for s in iter_shard(shard.replace("/ray/", "/mp/"))]
+
+        # A rerun after a crash that lost shard 1 redoes shard 1 only.
+        kept = {p.name: p.stat().st_mtime_ns for p in Path(ray_out).iterdir() if not p.name.startswith("00001")}
+        for name in ("_COMMITTED", "manifest.json", "00001_stats.json", "00001.tar", "00001.parquet"):
+            (Path(ray_out) / name).unlink()
+        redone = ingest(str(tmp_path / "ray"), "ray")
+    assert redone["this_run"]["shards"] == 1 and redone["this_run"]["samples"] == 8
+    assert {k: v for k, v in redone.items() if k not in strip} == {k: v for k, v in by_ray.items() if k not in strip}
+    assert all((Path(ray_out) / n).stat().st_mtime_ns == t for n, t in kept.items() if not n.startswith(("_", "m")))
+    assert read_shards(ray_out) == read_shards(mp_out)
+    assert not (Path(ray_out) / "_tmp").exists()
+
+
+def test_retry_failed_downloads_only_transient_failures_into_new_shards(ray_session, tmp_path):
+    """The ingest and the empty second retry run in this process on the session's Ray (warm workers); the retry
+    that downloads is the ``capfilt ingest --retry-failed`` command, as a user runs it."""
+    from pipelines.config import load_config
+    from pipelines.ingest import run_ingest
+
+    names = [
+        "a.jpg",
+        "flaky-1.jpg",
+        "b.jpg",
+        "gone-1.jpg",
+        "flaky-2.jpg",
+        "c.jpg",
+        "d.jpg",
+        "gone-2.jpg",
+        "flaky-3.jpg",
+    ]
+    site, list_path = _photo_list(tmp_path, names)
+    root = str(tmp_path / "run")
+    args = (
+        "--config",
+        TINY,
+        "--root",
+        root,
+        "--set",
+        f"ingest.url_list={list_path}",
+        "--set",
+        "ingest.input_format=csv",
+        "--set",
+        "ingest.shard_size=4",
+    )
+    cfg = load_config(TINY, [a for a in args[4:] if a != "--set"])
+    with _site(site) as (base, state):
+        rows = _write_list(list_path, base, names)
+        first = run_ingest(cfg, root)
+        out = storage.RunRoot(root).ingest("web")
+        assert first["successes"] == 4 and first["failures_by_error"] == {
+            "HTTP Error 503: Service Unavailable": 3,
+            "HTTP Error 404: File not found": 2,
+        }
+        original = {r["url"]: r for r in read_shards(out)[1]}
+        proc, seconds = capfilt("ingest", *args, "--retry-failed")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert storage.is_committed(out)
+        # The 503s were asked twice, the 404s once: only transient failures are retried.
+        assert {n: c for n, c in state["seen"].items() if n.startswith(("flaky", "gone"))} == {
+            "flaky-1.jpg": 2,
+            "flaky-2.jpg": 2,
+            "flaky-3.jpg": 2,
+            "gone-1.jpg": 1,
+            "gone-2.jpg": 1,
+        }
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+        assert [s["shard"] for s in manifest["shards"]] == ["00000", "00001", "00002", "00003"]
+        assert manifest["total"] == 9 and manifest["successes"] == 7 and manifest["failed"] == 2
+        assert manifest["success_rate"] == pytest.approx(7 / 9)
+        assert manifest["failures_by_status"] == {"failed_to_download": 2, "failed_to_resize": 0}
+        assert manifest["failures_by_error"] == {"HTTP Error 404: File not found": 2}
+        (retry,) = manifest["retries"]
+        assert retry["from_shards"] == ["00000", "00001", "00002"] and retry["shards"] == ["00003"]
+        assert retry["urls"] == 3 and retry["recovered"] == 3
+        assert retry["retried_errors"] == {"HTTP Error 503: Service Unavailable": 3}
+        samples, parquet_rows = read_shards(out)
+        new = [r for r in parquet_rows if r["key"].startswith("00003")]
+        assert sorted(r["url"] for r in new) == sorted(u for u, _ in rows if "flaky" in u)
+        for r in new:  # each new row names the row it retries, and keeps its caption byte for byte
+            assert r["status"] == "success" and r["retry_of"] == original[r["url"]]["key"]
+            assert r["caption"] == dict(rows)[r["url"]] and samples[r["key"]]["txt"] == r["caption"].encode()
+        assert [s.key for s in iter_shard(str(Path(out) / "00003.tar"))] == sorted(r["key"] for r in new)
+        print(f"\nretry of 3 transient failures: {seconds:.1f}s")
+
+        # Nothing transient is left: a second retry changes nothing.
+        before = {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+        assert run_ingest(cfg, root, retry_failed=True) == manifest
+        assert {p.name: p.stat().st_mtime_ns for p in Path(out).iterdir()} == before

@@ -274,9 +274,21 @@ def test_assemble_config_defaults_to_capfilt_and_validates():
         "itc_threshold": None,
         "clip_threshold": None,
         "top_k_synthetic": None,
+        "drop_duplicates": False,
+        "duplicate_distance": 4,
+        "drop_leaks": False,
     }
     assert not is_default(validate_config({"world": {}, "assemble": {"top_k_synthetic": 1}}).assemble)
-    for bad in ({"itm_threshold": 1.5}, {"top_k_synthetic": 0}, {"clip_threshold": -2}, {"itm": 0.5}):
+    assert is_default(validate_config({"world": {}, "assemble": {"duplicate_distance": 2}}).assemble)
+    for on in ("drop_duplicates", "drop_leaks"):
+        assert not is_default(validate_config({"world": {}, "assemble": {on: True}}).assemble)
+    for bad in (
+        {"itm_threshold": 1.5},
+        {"top_k_synthetic": 0},
+        {"clip_threshold": -2},
+        {"itm": 0.5},
+        {"duplicate_distance": -1},
+    ):
         with pytest.raises(ConfigError, match="assemble"):
             validate_config({"world": {}, "assemble": bad})
     rule = assemble_rule(AssembleConfig(itm_threshold=0.7, top_k_synthetic=1), KeepRule(0.5, 3))
@@ -339,3 +351,115 @@ def test_the_sweep_without_truth_has_no_precision():
     assert r["kept"]["web"] == int(
         decide_table(table, KeepRule(0.5))[0][np.array(table["source"].to_pylist()) == "web"].sum()
     )
+
+
+# ---------------------------------------------------------------------------------- duplicates and leaks
+def test_duplicate_groups_are_the_components_of_near_hashes_with_the_smallest_index_as_representative():
+    """Against brute force (every pair), at distances that use one level of bands (few distinct hashes) and two
+    (more distinct hashes than a band has values); exact copies, chains and far hashes included."""
+    from scipy.sparse.csgraph import connected_components
+
+    from pipelines.dedup import group_representatives, hamming, masks
+
+    rng = np.random.default_rng(3)
+    centres = rng.integers(-(2**63), 2**63 - 1, size=400, dtype=np.int64)
+    hashes = centres[rng.integers(0, 400, 3000)]
+    for _ in range(3):  # up to 3 bits flipped away from a centre
+        bit = np.left_shift(np.int64(1), rng.integers(0, 64, 3000).astype(np.int64))
+        hashes = hashes ^ np.where(rng.random(3000) < 0.5, bit, 0)
+    d = hamming(hashes[:, None], hashes[None, :])
+    for distance in (0, 2, 4, 6):
+        assert len(masks(distance, 3000)) == (distance + 1) ** (2 if 3000 > 2 ** (64 // (distance + 1)) else 1)
+        _, label = connected_components(d <= distance, directed=False)
+        first = {}
+        for i, lab in enumerate(label):
+            first.setdefault(lab, i)
+        assert group_representatives(hashes, distance).tolist() == [first[lab] for lab in label], distance
+    # a hash never joins one more than `distance` bits away, however many copies either has
+    far = np.array([0, 0, 0b1111, 0b1111, 0b11111], dtype=np.int64)
+    assert group_representatives(far, 4).tolist() == [0, 0, 0, 0, 0]
+    assert group_representatives(far, 3).tolist() == [0, 0, 2, 2, 2]
+
+
+def phash_rows(specs: list[tuple]) -> pa.Table:
+    """CapFilt rows with the phash scorer's columns from (shard, key, source, status, itm, phash, leak_distance)."""
+    names = ("shard", "key", "source", "status", "itm_score", "phash", "leak_distance")
+    data = {n: [s[i] for s in specs] for i, n in enumerate(names)}
+    types = {"itm_score": pa.float32(), "phash": pa.int64(), "leak_distance": pa.int32()}
+    t = pa.table({n: pa.array(v, types.get(n, pa.string())) for n, v in data.items()})
+    t = t.append_column("candidate", pa.array([None if s[2] == "web" else 0 for s in specs], pa.int16()))
+    t = t.append_column("text", pa.array([f"{s[1]}/{s[2]}" for s in specs]))
+    return t.append_column("keep", pa.array([(s[4] or 0) > 0.5 for s in specs]))
+
+
+def test_assemble_drops_duplicates_but_their_representative_and_leaks_by_rule(tmp_path):
+    """Two files: image 00001/b is 2 bits from 00000/a (a near copy, in another file), 00000/c an exact copy of
+    00001/e, 00000/d far from all; 00001/b is also 3 bits from a test image. Each group keeps its smallest
+    (shard, key); a leak goes by the phash scorer's recorded leak_distance."""
+    from pipelines.assemble import DUPLICATES, duplicate_groups
+
+    out = tmp_path / "capfilt"
+    out.mkdir()
+    a, c, d = 0b1010 << 40, 0x0F0F_0F0F_0F0F, -1
+    pq.write_table(
+        phash_rows(
+            [
+                ("00000", "a", "web", "ok", 0.9, a, 20),
+                ("00000", "a", "synthetic", "ok", 0.9, a, 20),
+                ("00000", "c", "web", "empty_text", None, None, None),  # its hash is on its synthetic row
+                ("00000", "c", "synthetic", "ok", 0.9, c, 30),
+                ("00000", "d", "web", "ok", 0.9, d, 40),
+            ]
+        ),
+        out / "part-00000.parquet",
+    )
+    pq.write_table(
+        phash_rows(
+            [
+                ("00001", "b", "web", "ok", 0.9, a ^ 0b11, 3),
+                ("00001", "e", "web", "ok", 0.9, c, 30),
+                ("00001", "e", "synthetic", "ok", 0.2, c, 30),
+                ("00001", "f", "web", "corrupt_image", None, None, None),
+            ]
+        ),
+        out / "part-00001.parquet",
+    )
+    fingerprint = {"itm_threshold": 0.5, "scorers": {"phash": {"options": {"leak_distance": 4}}}}
+    storage.commit(str(out), {"fingerprint": fingerprint})
+
+    cfg = validate_config({"world": {}, "assemble": {"drop_duplicates": True, "drop_leaks": True}})
+    rule = resolve_rule(cfg, str(out))
+    assert rule.duplicate_distance == 4 and rule.score_rules == (ScoreRule("leak_distance", "test_set_leak", 4),)
+    assert "not a duplicate (phash within 4 bits" in rule.describe() and "leak_distance > 4" in rule.describe()
+    assert KeepRule.from_dict(json.loads(json.dumps(rule.as_dict()))) == rule
+    assert "duplicate_distance" not in KeepRule(0.5).as_dict()  # a rule recorded before duplicates existed
+
+    groups_url = str(tmp_path / DUPLICATES)
+    dups = duplicate_groups(str(out), 4, groups_url)
+    assert dups.images == 5 and dups.rep.tolist() == [0, 1, 2, 0, 1]  # a c d | b e
+    groups = pq.read_table(groups_url).to_pylist()
+    assert [(g["shard"], g["key"], g["group_shard"], g["group_key"]) for g in groups] == [
+        ("00000", "a", "00000", "a"),
+        ("00001", "b", "00000", "a"),
+        ("00000", "c", "00000", "c"),
+        ("00001", "e", "00000", "c"),
+    ]
+    counts = assemble_rows(str(out), rule, str(tmp_path / "kept"), duplicates=dups)
+    assert counts["dropped"] == {
+        "web": {"bad_input": 2, "duplicate": 2},  # b (a duplicate before a leak), e; c's empty text, f
+        "synthetic": {"duplicate": 1},  # e's
+    }
+    kept = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "kept").glob("*.parquet"))])
+    assert sorted(zip(kept["key"].to_pylist(), kept["source"].to_pylist())) == [
+        ("a", "synthetic"),
+        ("a", "web"),
+        ("c", "synthetic"),
+        ("d", "web"),
+    ]
+    # leaks alone: b goes as a leak; without a phash scorer there is no leak rule to apply
+    only_leaks = resolve_rule(validate_config({"world": {}, "assemble": {"drop_leaks": True}}), str(out))
+    assert assemble_rows(str(out), only_leaks)["dropped"]["web"] == {"bad_input": 2, "test_set_leak": 1}
+    storage.remove(str(out / "_COMMITTED"))
+    storage.commit(str(out), {"fingerprint": {"itm_threshold": 0.5}})
+    with pytest.raises(AssembleError, match="no phash scorer"):
+        resolve_rule(validate_config({"world": {}, "assemble": {"drop_leaks": True}}), str(out))

@@ -68,3 +68,57 @@ def test_a_bad_template_edit_names_the_field(tmp_path):
     bad.write_text(text.replace("    batch_size: 2880", "    batch_size: lots"))
     with pytest.raises(ConfigError, match=r"train\.pretrain\.batch_size"):
         load_config(str(bad))
+
+
+def test_the_curate_template_uses_released_checkpoints_on_gpus():
+    cfg = load_config(str(CONFIGS / "curate-blip-base.yaml"))
+    cc = cfg.capfilt
+    assert cfg.flow.mode == "curate" and cfg.pretrained_rounds == []
+    assert cfg.world is None and cfg.ingest.url_list and cfg.human.train is None  # no human set needed
+    assert cc.captioner.endswith("model_base_caption_capfilt_large.pth") and cc.filter.endswith(".pth")
+    assert (cc.image_size, cc.amp, cc.use_gpu) == (384, "bf16", True)
+    assert (cc.method, cc.top_p, cc.num_samples, cc.itm_threshold) == ("nucleus", 0.9, 1, 0.5)
+    for pool in (cc.captioner_pool, cc.filter_pool):
+        assert pool.num_gpus == 1 and pool.batch_size >= cc.model_batch_size
+
+
+TINY = str(CONFIGS / "tiny.yaml")
+RELEASED = ["train.captioner.init=/ckpt/model_base_caption.pth", "train.filter.init=/ckpt/blip-itm-base-coco"]
+
+
+@pytest.mark.parametrize(
+    "overrides,rounds",
+    [
+        ([], [1, 2]),  # the paper's loop: round 1 pre-trains on the web data, round 2 on the bootstrapped data
+        (["flow.rounds=2"], [1, 2, 3]),
+        (RELEASED[:1], [1, 2]),  # the filter still fine-tunes round 1's pre-trained model
+        (RELEASED, [2]),  # both fine-tunes start from released checkpoints: round 1 is not pre-trained
+        ([*RELEASED, "flow.rounds=2"], [2, 3]),
+        (["flow.mode=curate", "capfilt.captioner=/c.pth", "capfilt.filter=/f.pth"], []),
+    ],
+)
+def test_which_rounds_the_flow_pretrains(overrides, rounds):
+    assert load_config(TINY, overrides).pretrained_rounds == rounds
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["flow.mode=curate"], "curate needs capfilt.captioner and capfilt.filter"),
+        (["flow.mode=curate", "capfilt.captioner=/c.pth"], "curate needs capfilt.filter"),
+        (["flow.mode=curate", "capfilt.captioner=/c", "capfilt.filter=/f", "flow.rounds=2"], "runs one round"),
+        ([*RELEASED, "train.pretrain.init=previous"], "round 1 is not pre-trained"),
+        (["flow.mode=train"], "flow.mode"),
+    ],
+)
+def test_flow_settings_that_cannot_run_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_only_bootstrap_needs_a_human_set_on_real_data():
+    real = ["world=null", "ingest.url_list=/lists/urls.parquet"]
+    with pytest.raises(ConfigError, match="human.train and human.test are required"):
+        load_config(TINY, real)
+    cfg = load_config(TINY, [*real, "flow.mode=curate", "capfilt.captioner=/c.pth", "capfilt.filter=/f"])
+    assert cfg.human.train is None

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from blip_checkpoints import official_state, source_model
 
 from blip_core import BlipConfig, BlipModel
 from blip_core.bert import load_bert_into_med, text_config_from_bert
@@ -16,118 +17,6 @@ from blip_core.tokenizer import BlipTokenizer, minilm_dir
 
 ATOL = 1e-4
 VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC], as every official checkpoint
-
-
-# --- writing official-format checkpoints from one of our models ---------------------------------------------
-# The official names, spelled out independently of blip_core.convert: models/vit.py (timm names) and
-# models/med.py (BERT names) of github.com/salesforce/BLIP.
-OFFICIAL_LAYER = {
-    "self_attn.q": "attention.self.query",
-    "self_attn.k": "attention.self.key",
-    "self_attn.v": "attention.self.value",
-    "self_attn.out": "attention.output.dense",
-    "self_attn.norm": "attention.output.LayerNorm",
-    "cross_attn.q": "crossattention.self.query",
-    "cross_attn.k": "crossattention.self.key",
-    "cross_attn.v": "crossattention.self.value",
-    "cross_attn.out": "crossattention.output.dense",
-    "cross_attn.norm": "crossattention.output.LayerNorm",
-    "ffn.fc1": "intermediate.dense",
-    "ffn.fc2": "output.dense",
-    "ffn.norm": "output.LayerNorm",
-}
-OFFICIAL_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "norm": "LayerNorm"}
-
-
-def official_bert(model: BlipModel, stack: str, prefix: str) -> dict[str, torch.Tensor]:
-    med = model.text
-    out = {f"{prefix}embeddings.position_ids": torch.arange(med.cfg.max_positions)[None]}  # a persistent buffer there
-    emb = med.embeddings if stack == "encoder" else med.decoder_embeddings
-    for ours, theirs in OFFICIAL_EMBEDDINGS.items():
-        for p in ("weight", "bias"):
-            t = getattr(getattr(emb, ours), p, None)
-            if t is not None:
-                out[f"{prefix}embeddings.{theirs}.{p}"] = t.detach().clone()
-    for i, layer in enumerate(getattr(med, stack)):
-        for ours, theirs in OFFICIAL_LAYER.items():
-            module = layer.get_submodule(ours)
-            out[f"{prefix}encoder.layer.{i}.{theirs}.weight"] = module.weight.detach().clone()
-            out[f"{prefix}encoder.layer.{i}.{theirs}.bias"] = module.bias.detach().clone()
-    return out
-
-
-def official_state(model: BlipModel, kind: str) -> dict[str, torch.Tensor]:
-    """What BLIP_Pretrain / BLIP_Retrieval / BLIP_Decoder.state_dict() holds, momentum copies and queues included."""
-    sd: dict[str, torch.Tensor] = {}
-    vision = {f"visual_encoder.{k}": v.detach().clone() for k, v in model.vision.state_dict().items()}
-    sd.update(vision)
-    heads = {
-        f"{n}.{p}": getattr(getattr(model, n), p).detach().clone()
-        for n in ("vision_proj", "text_proj", "itm_head")
-        for p in ("weight", "bias")
-    }
-    if kind in ("pretrain", "retrieval"):
-        sd.update(official_bert(model, "encoder", "text_encoder."))
-        sd.update(heads)
-        sd["temp"] = model.temp.detach().clone()
-        # momentum encoders (deliberately different values) and queues: training state that must be ignored
-        sd.update({k.replace("visual_encoder.", "visual_encoder_m."): v + 1 for k, v in vision.items()})
-        sd.update(
-            {
-                k.replace("text_encoder.", "text_encoder_m."): v + 1
-                for k, v in official_bert(model, "encoder", "text_encoder.").items()
-            }
-        )
-        sd.update({k.replace("_proj.", "_proj_m."): v + 1 for k, v in heads.items() if "_proj." in k})
-        e = model.config.embed_dim
-        sd.update(image_queue=torch.randn(e, 8), text_queue=torch.randn(e, 8))
-    if kind == "pretrain":
-        sd["queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    if kind == "retrieval":
-        sd.update(idx_queue=torch.full((1, 8), -100), ptr_queue=torch.zeros(1, dtype=torch.long))
-    if kind in ("pretrain", "caption"):
-        sd.update(official_bert(model, "decoder", "text_decoder.bert."))
-        head = model.text.lm_head
-        sd["text_decoder.cls.predictions.transform.dense.weight"] = head.dense.weight.detach().clone()
-        sd["text_decoder.cls.predictions.transform.dense.bias"] = head.dense.bias.detach().clone()
-        sd["text_decoder.cls.predictions.transform.LayerNorm.weight"] = head.norm.weight.detach().clone()
-        sd["text_decoder.cls.predictions.transform.LayerNorm.bias"] = head.norm.bias.detach().clone()
-        sd["text_decoder.cls.predictions.bias"] = head.decoder.bias.detach().clone()
-        sd["text_decoder.cls.predictions.decoder.bias"] = head.decoder.bias.detach().clone()  # the alias med.py makes
-        sd["text_decoder.cls.predictions.decoder.weight"] = head.decoder.weight.detach().clone()
-    return sd
-
-
-def source_model(seed: int = 0, sharing: str = "all_but_sa", image_size: int = 32) -> BlipModel:
-    """A small model shaped like the official ones: 64-d attention heads, bert-base-uncased vocabulary."""
-    cfg = BlipConfig.from_dict(
-        {
-            "vision": {
-                "image_size": image_size,
-                "patch_size": 16,
-                "width": 128,
-                "depth": 2,
-                "heads": 2,
-                "mlp_ratio": 2.0,
-            },
-            "text": {"width": 128, "depth": 2, "heads": 2, "intermediate_size": 256, "max_positions": 40},
-            "embed_dim": 32,
-            "sharing": sharing,
-            "queue_size": 8,
-        }
-    )
-    torch.manual_seed(seed)
-    model = BlipModel(cfg, BlipTokenizer.bert_base_uncased()).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "temp":
-                p.fill_(0.05)
-            elif "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def batch(seed: int = 0, size: int = 32):

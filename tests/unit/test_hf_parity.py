@@ -8,61 +8,15 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from blip_checkpoints import CLS, DEC, ENC, IMAGE, PAD, SEP, VOCAB, hf_bert_tokenizer, hf_config, randomize  # noqa: E402
 from transformers import (  # noqa: E402
-    BertTokenizer,  # noqa: E402
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
 )
-from transformers import BlipConfig as HFBlipConfig  # noqa: E402
 
 from blip_core import BlipModel, BlipTokenizer  # noqa: E402
-from blip_core.tokenizer import minilm_dir  # noqa: E402
 
 ATOL = 1e-4
-# A small vocabulary laid out like BLIP's: bert-base-uncased's [PAD]/[CLS]/[SEP] ids, then [DEC], [ENC] last.
-VOCAB, PAD, CLS, SEP, DEC, ENC = 120, 0, 101, 102, 118, 119
-IMAGE = 48
-
-
-def hf_config(vocab_size: int = VOCAB, bos: int = DEC, tie: bool = True) -> HFBlipConfig:
-    # Vision and text widths differ (48 vs 32) so cross-attention's key/value shapes are exercised; the ViT's MLP
-    # ratio is 2, not 4.
-    return HFBlipConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=40,
-            bos_token_id=bos,
-            sep_token_id=SEP,
-            pad_token_id=PAD,
-            tie_word_embeddings=tie,
-        ),
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            image_size=IMAGE,
-            patch_size=16,
-        ),
-        image_text_hidden_size=16,
-        tie_word_embeddings=tie,
-    )
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from transformers' near-zero init, so that every part matters and logits are well spread."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name.lower() or "layer_norm" in name.lower():
-                centre = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(centre + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def build(cls, tmp_path, seed: int, **config):
@@ -260,12 +214,7 @@ def test_untied_lm_head(tmp_path):
 
 @pytest.fixture(scope="module")
 def bert_tokenizer_hf():
-    """transformers' tokenizer of a Hub BLIP checkpoint: bert-base-uncased + bos [DEC] + [ENC], from local files."""
-    tok = BertTokenizer.from_pretrained(str(minilm_dir()))
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    assert (len(tok), tok.bos_token_id, tok.convert_tokens_to_ids("[ENC]")) == (30524, 30522, 30523)
-    return tok
+    return hf_bert_tokenizer()
 
 
 def test_real_bert_tokenizer_end_to_end(tmp_path, bert_tokenizer_hf):

@@ -340,3 +340,17 @@ def test_the_text_side_can_start_from_a_bert_directory():
     small = BlipTokenizer.train(["a red circle"], vocab_size=64)
     with pytest.raises(ValueError, match="vocabulary"):
         model_config(cfg.model, small, cfg.train.pretrain, text_config_from_bert(minilm_dir()))
+
+
+def test_a_released_checkpoint_starts_round_1_fine_tunes_and_later_rounds_fine_tune_their_own_pretrain(tmp_path):
+    from pipelines.train.spec import _init, job_dir
+
+    released = tmp_path / "model_base_caption_capfilt_large.pth"
+    released.write_bytes(b"weights")
+    root = str(tmp_path / "run")
+    assert _init(str(released), root, 1, "captioner") == str(released)
+    with pytest.raises(TrainError, match="round 2's pre-trained model"):
+        _init(str(released), root, 2, "captioner")
+    storage.commit(job_dir(root, 2, "pretrain"))
+    assert _init(str(released), root, 2, "filter") == storage.join(job_dir(root, 2, "pretrain"), "model")
+    assert _init(str(released), root, 2, "pretrain") == str(released)  # pre-training's own init is kept
