@@ -117,11 +117,11 @@ def checks(s, args: argparse.Namespace) -> list[tuple[str, str, bool]]:
     fp32 = dataclasses.replace(s, amp="none")
     dev = ScoreActor(fp32.filter, fp32, pool)(dict(b))["itm_score__0"]
     d = float(np.max(np.abs(dev - ref)))
-    out.append(("filter float32: device vs CPU", f"max |dP| {d:.2e}", d < 2e-3))
+    out.append(("filter float32: device vs CPU", f"max abs dP {d:.2e}", d < 2e-3))
     if s.amp != "none":
         amp = ScoreActor(s.filter, s, pool)(dict(b))["itm_score__0"]
         d = float(np.max(np.abs(amp - ref)))
-        out.append((f"filter {s.amp} autocast vs float32", f"max |dP| {d:.2e}", d < 0.05))
+        out.append((f"filter {s.amp} autocast vs float32", f"max abs dP {d:.2e}", d < 0.05))
     cap = CaptionActor(s.captioner, s, pool)
     one, two = cap(dict(b))["syn_0"], cap(dict(b))["syn_0"]
     out.append(("captions, same seeds twice", f"{int(np.sum(one == two))}/{len(one)} equal", bool(np.all(one == two))))
@@ -172,7 +172,7 @@ def pipeline(cfg, ckpt: str, args: argparse.Namespace, work: Path) -> tuple[floa
             "capfilt.decode_batch_rows=256",
             *[f"capfilt.{p}.batch_size={args.batch}" for p in ("captioner_pool", "filter_pool")],
             *[f"capfilt.{p}.num_gpus={gpu}" for p in ("captioner_pool", "filter_pool")],
-            *[f"capfilt.{p}.num_cpus=1" for p in ("captioner_pool", "filter_pool")],
+            *[f"capfilt.{p}.num_cpus={1 if args.device == 'cuda' else 0.5}" for p in ("captioner_pool", "filter_pool")],
         ],
     )
     ensure_ray()
