@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import load_config
+from pipelines.report import threshold_sweep
 from pipelines.summary import copies_vs_truth, filter_agreement
 from pipelines.world import caption_attribute_accuracy
 
@@ -123,6 +124,7 @@ def collect(config: str, root: str, seconds: float, sets: list[str] | None = Non
         "captioner_attribute_accuracy": synthetic_caption_accuracy(capfilt_url, truth),
         "dataset": storage.read_json(storage.join(rr.round(1, "dataset"), "summary.json")),
         "copies": copies_vs_truth(cfg, rr, capfilt_url),
+        "threshold_sweep": threshold_sweep(cfg, root, 1),
         **rounds,
     }
 
@@ -146,6 +148,16 @@ def table(r: dict) -> str:
         + ", ".join(f"{t} {v:.2f}" for t, v in r["recall_by_noise_type"].items()),
         f"captioner attribute accuracy (synthetic captions of the web images): {r['captioner_attribute_accuracy']:.1f}%",
     ]
+    sweep = r.get("threshold_sweep") or []
+    if sweep:
+        lines.append("ITM threshold sweep (round 1; kept share by source, removing noisy web captions):")
+        lines.append(f"  {'threshold':>9} {'web kept':>9} {'syn kept':>9} {'precision':>9} {'recall':>7}")
+    for row in sweep[::2]:  # every other threshold: 0, 0.1, ..., 1
+        share, prec, rec = row["kept_share"], row.get("precision"), row.get("recall")
+        lines.append(
+            f"  {row['threshold']:>9.2f} {share.get('web', 0):>9.3f} {share.get('synthetic', 0):>9.3f} "
+            f"{'n/a' if prec is None else f'{prec:.3f}':>9} {'n/a' if rec is None else f'{rec:.3f}':>7}"
+        )
     for name in ("duplicates", "leaks") if r.get("copies") else ():
         x = r["copies"][name]
         lines.append(

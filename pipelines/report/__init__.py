@@ -11,7 +11,7 @@ missing input renders as a "not available" note instead of failing the page. Cap
 """
 
 from .charts import bar_chart, line_chart
-from .page import REPORT_NAME, render_report, run_report
+from .page import REPORT_NAME, render_report, run_report, threshold_sweep
 from .scan import SWEEP_THRESHOLDS, Sweep, Totals, choose_samples, data_uri, histogram, read_metrics
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "read_metrics",
     "render_report",
     "run_report",
+    "threshold_sweep",
 ]

@@ -321,6 +321,20 @@ def render_report(cfg: RunConfig, root: str, round: int, samples: int = 24) -> s
     )
 
 
+def threshold_sweep(cfg: RunConfig, root: str, round: int) -> list[dict] | None:
+    """The report's threshold sweep as rows (``Sweep.rows``: per ITM threshold, kept texts by source and, with the
+    world's truth, precision and recall of removing noisy web captions); None when round K has no CapFilt output
+    or its rule cannot be swept."""
+    rr = storage.RunRoot(root)
+    capfilt_url = rr.round(round, "capfilt")
+    files = capfilt_files(capfilt_url)
+    sweep, _ = _sweep_for(cfg, capfilt_url) if files else (None, None)
+    if sweep is None:
+        return None
+    scan_capfilt(files, sweep=sweep, truth=read_truth(storage.join(rr.world(), "truth", "web.parquet")))
+    return sweep.rows()
+
+
 def _sweep_for(cfg: RunConfig, capfilt_url: str) -> tuple[Sweep | None, str | None]:
     """The sweep of assemble's rule (CapFilt's as recorded, else as configured, with ``assemble:``'s fields), or
     why there is none."""
