@@ -199,7 +199,7 @@ def test_duplicates_and_leaks_against_the_truth_equal_brute_force(copies_world, 
     assert got["leaks"]["recall"] == pytest.approx((leak & true_leak).sum() / 10)
     assert got["leaks"]["precision"] == pytest.approx((leak & true_leak).sum() / max(int(leak.sum()), 1))
     # a re-encoded copy keeps its hash within 4 bits: the phash finds those (resizes and crops of these 64 px
-    # drawings move it more: see the README)
+    # drawings move it more: see docs/DESIGN.md)
     for kind in ("duplicates", "leaks"):
         assert got[kind]["recall_by_transform"]["reencode"] >= 0.75, got[kind]
     print(f"\nagainst the truth: {json.dumps(got)}")
