@@ -78,10 +78,10 @@ def gather(out: str, unit_index: int, schema: pa.Schema) -> pa.Table:
     if not tables:
         return schema.empty_table()
     table = pa.concat_tables(tables)
-    return _first_of_each(table)
+    return first_of_each(table)
 
 
-def _first_of_each(table: pa.Table) -> pa.Table:
+def first_of_each(table: pa.Table) -> pa.Table:
     """The first row of each (shard, key, source, candidate), in the table's order."""
     ids = table.select(["shard", "key", "source", "candidate"]).append_column(
         "_pos", pa.array(np.arange(table.num_rows, dtype=np.int64))
@@ -89,7 +89,7 @@ def _first_of_each(table: pa.Table) -> pa.Table:
     first = ids.group_by(["shard", "key", "source", "candidate"], use_threads=False).aggregate([("_pos", "min")])
     if first.num_rows == table.num_rows:
         return table
-    return table.take(pc.sort_indices(first["_pos_min"]))
+    return table.take(np.sort(first["_pos_min"].to_numpy()))
 
 
 def remove_staging(out: str, unit_index: int | None = None) -> None:

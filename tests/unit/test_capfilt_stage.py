@@ -3,6 +3,7 @@ and the fixed-shape model calls that make captions and scores independent of bat
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pipelines.capfilt.commit import (
     write_unit,
 )
 from pipelines.capfilt.decode import text_status
-from pipelines.capfilt.fragments import shard_counts, write_fragments
+from pipelines.capfilt.fragments import first_of_each, shard_counts, write_fragments
 from pipelines.capfilt.rows import SHARD_END, SHARD_READ_COLUMN, UNIT_COLUMN, build_rows
 from pipelines.capfilt.tracker import UnitTracker
 
@@ -193,6 +194,24 @@ def test_a_retried_batch_stages_its_rows_again_and_the_commit_keeps_one_of_each(
     assert table["key"].to_pylist() == [k for k in "abc" for _ in range(1 + K)]
     assert not (tmp_path / "capfilt" / "_staging" / "00000000").exists()
     assert done_units(out, [unit], s.fingerprint()) == {0: {k: marker[k] for k in SUMMARY_KEYS}}
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_the_dedupe_keeps_the_first_row_of_each_id_in_any_fragment_order(order):
+    """A retried batch's fragment may be read before or after the others: whatever the order, every id stays
+    once, with its own row, in the order of first appearance."""
+    def frag(keys, tag):
+        n = len(keys)
+        return pa.table({"shard": ["00000"] * n, "key": keys, "source": ["web"] * n,
+                         "candidate": [0] * n, "tag": [f"{k}{tag}" for k in keys]})  # fmt: skip
+    frags = [frag(["b", "a"], 1), frag(["b", "a"], 2), frag(["c"], 3)]
+    table = pa.concat_tables([frags[i] for i in order])
+    kept = first_of_each(table)
+    first_seen = list(dict.fromkeys(table["key"].to_pylist()))
+    assert kept["key"].to_pylist() == first_seen
+    tags = dict(zip(kept["key"].to_pylist(), kept["tag"].to_pylist()))
+    assert tags["c"] == "c3"
+    assert tags["a"] == ("a1" if order.index(0) < order.index(1) else "a2")
 
 
 def test_a_unit_is_done_only_with_its_marker_its_file_and_the_same_fingerprint(tmp_path):
