@@ -200,10 +200,12 @@ def test_a_retried_batch_stages_its_rows_again_and_the_commit_keeps_one_of_each(
 def test_the_dedupe_keeps_the_first_row_of_each_id_in_any_fragment_order(order):
     """A retried batch's fragment may be read before or after the others: whatever the order, every id stays
     once, with its own row, in the order of first appearance."""
+
     def frag(keys, tag):
         n = len(keys)
         return pa.table({"shard": ["00000"] * n, "key": keys, "source": ["web"] * n,
                          "candidate": [0] * n, "tag": [f"{k}{tag}" for k in keys]})  # fmt: skip
+
     frags = [frag(["b", "a"], 1), frag(["b", "a"], 2), frag(["c"], 3)]
     table = pa.concat_tables([frags[i] for i in order])
     kept = first_of_each(table)
