@@ -9,17 +9,13 @@ identity config accepts any), so in-process code and ``capfilt`` subprocesses re
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from infra import local_s3
-from infra.local_s3 import LocalS3, free_ports
+from infra.local_s3 import LocalS3
 from pipelines.ray_runtime import configure_environment
 
 # Ray reads its settings (token auth, loopback only) once, when first imported; importing ``pipelines`` no longer
@@ -27,66 +23,6 @@ from pipelines.ray_runtime import configure_environment
 configure_environment()
 
 BUCKET = "capfilt-test"
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it started, by its own pid."""
-    import os
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.time() + wait  # the leader is gone; give the rest of its group the same grace
-        while time.time() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A fresh directory directly under /tmp, removed afterwards: Ray's socket paths under a temp dir must fit in
-    107 bytes, which pytest's tmp_path does not leave room for. Request it before ``spawn`` so that the
-    processes using it stop first."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="cf-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def ports():
-    """``ports(n)``: n free loopback ports."""
-    return free_ports
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator:
-    """``spawn(name, cmd, env)`` starts a long-running server in its own process group, logging to
-    ``tmp_path/<name>.log``; every one is stopped at the end of the test, last started first."""
-    started: list[tuple[subprocess.Popen, object]] = []
-
-    def _spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        proc.log_path = tmp_path / f"{name}.log"
-        started.append((proc, log))
-        return proc
-
-    yield _spawn
-    for proc, log in reversed(started):
-        stop_group(proc)
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ Everything runs in the namespace: SeaweedFS S3, a Prefect server and process wor
 head (no CPUs) and two worker nodes of one CPU each (``infra/local_cluster.py``), token auth on. Then:
 
 1. **End to end.** ``capfilt deploy``, and ``prefect deployment run capfilt/bootstrap`` of a tiny config into an
-   ``s3://`` root; Ray's state API says on which nodes every task and actor ran.
+   ``s3://`` root; Ray's state API says on which nodes every task and actor ran, the dashboard's job API lists the
+   flow's driver, the Prefect server when the fine-tunes ran, and DuckDB reads the CapFilt Parquet through S3.
 2. **Faults**, each a stage rerun into a fresh root that holds copies of the stage's inputs from (1): worker node
    1 is SIGKILLed mid-stage (mid-ingest: a first shard published; mid-caption-filter: a first batch of rows staged;
    mid-pretrain: a first checkpoint registered) and a fresh node brought up at its address; the stage must finish,
@@ -40,13 +41,16 @@ from infra.local_cluster import LocalCluster, in_private_netns, kill_tree, loopb
 BIN = Path(sys.executable).parent
 TINY = REPO / "flows" / "configs" / "tiny.yaml"
 PRETRAIN_STEPS = 12
+FINETUNE_STEPS = 4
+TRAIN_JOBS = {"round=1/pretrain": PRETRAIN_STEPS, "round=1/captioner": FINETUNE_STEPS, "round=1/filter": FINETUNE_STEPS}
 WEB_IMAGES = 120
 
 
 def multinode_config() -> dict:
     """tiny.yaml cut down: 120 web images in 6 shards of 20 (ingest tasks on both nodes, and a kill lands between
     the first shard and the last), training jobs of a few steps (placement and restarts are tested here, not
-    learning), and two captioner actors beside the filter's (1.5 CPUs of actors: no one-CPU node holds them all)."""
+    learning), the fine-tunes small enough to run side by side, and two captioner actors beside the filter's (1.5
+    CPUs of actors: no one-CPU node holds them all)."""
     import yaml
 
     cfg = yaml.safe_load(TINY.read_text())
@@ -54,8 +58,8 @@ def multinode_config() -> dict:
     cfg["world"]["n_web"] = WEB_IMAGES
     cfg["ingest"]["shard_size"] = WEB_IMAGES // 6
     cfg["train"]["pretrain"].update(max_steps=PRETRAIN_STEPS, checkpoint_every_steps=3)
-    for job in ("captioner", "filter"):
-        cfg["train"][job].update(max_steps=4)
+    for job in ("captioner", "filter"):  # 2 workers of half a CPU: the two fine-tunes fit the cluster side by side
+        cfg["train"][job].update(max_steps=FINETUNE_STEPS, cpus_per_worker=0.5)
     cfg["capfilt"]["captioner_pool"]["actors"] = 2
     return cfg
 
@@ -178,15 +182,62 @@ class Scenario:
             "round=1/capfilt",
             "round=1/dataset",
             "round=2/pretrain",
+            "round=1/eval",
+            "round=2/eval",
         ]
+        report = f"{_path(self.e2e_root)}/round=1/eval/report.html"
         return {
             "deployed": True,
             "returncode": run.returncode,
             "log": _tail(run) + "\n--- prefect worker:\n" + _tail_path(self.logs / "prefect-worker.log", 8000),
             "committed": {s: self.fs.exists(f"{_path(self.e2e_root)}/{s}/_COMMITTED") for s in stages},
+            "report_head": self.fs.cat(report)[:15].decode() if self.fs.exists(report) else None,
+            "finetunes": self.task_runs(["finetune captioner round 1", "finetune filter round 1"]),
+            "ray_jobs": [
+                {k: j.get(k) for k in ("type", "status", "entrypoint")} for j in self.cluster.get("/api/jobs/")
+            ],
+            "duckdb_rows_by_source": self.duckdb_rows(f"{self.e2e_root}/round=1/capfilt/*.parquet"),
+            "jobs": {job: self.job_outputs(job) for job in TRAIN_JOBS},
             "placement": self.placement(),
             "workers": {n.ip: n.node_id for n in self.cluster.nodes[1:]},
         }
+
+    def job_outputs(self, job: str) -> dict:
+        """What a training job left on S3: its last logged step, its model, evaluation, Ray Train checkpoints and
+        TensorBoard events."""
+        jd = f"{_path(self.e2e_root)}/{job}"
+        metrics = f"{jd}/metrics.jsonl"
+        rows = [json.loads(x) for x in self.fs.cat(metrics).decode().splitlines() if x] if self._exists(metrics) else []
+        return {
+            "last_step": max((r["step"] for r in rows if r.get("kind") == "train"), default=None),
+            "model": self._exists(f"{jd}/model/model.safetensors"),
+            "eval": self._exists(f"{jd}/eval.json"),
+            "checkpoints": len(self._glob(f"{jd}/ray_train/step_*/state.pt")),
+            "tensorboard": len(self._glob(f"{jd}/tensorboard/events.out.tfevents.*")),
+        }
+
+    def task_runs(self, names: list[str]) -> dict[str, dict]:
+        """The Prefect server's record of these task runs: state and start/end times."""
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.prefect_env['PREFECT_API_URL']}/task_runs/filter",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            runs = {t["name"]: t for t in json.loads(r.read())}
+        return {n: {k: runs[n][k] for k in ("state_type", "start_time", "end_time")} for n in names if n in runs}
+
+    def duckdb_rows(self, pattern: str) -> list[list]:
+        """DuckDB reads the Parquet through S3 (s3fs registered as its filesystem: no extension download)."""
+        import duckdb
+
+        con = duckdb.connect()
+        con.register_filesystem(self.fs)
+        rows = con.execute(f"SELECT source, count(*) FROM read_parquet('{pattern}') GROUP BY source ORDER BY source")
+        return [list(r) for r in rows.fetchall()]
 
     def placement(self) -> dict:
         """From Ray's state API: the IPs of the nodes each task (by name) and actor (by class) ran on."""

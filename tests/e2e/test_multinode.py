@@ -1,5 +1,6 @@
-"""Multi-node: the tiny bootstrap through the Prefect deployment on a three-node Ray cluster, then a worker node
-lost mid-ingest, mid-caption-filter and mid-pretrain.
+"""Multi-node: the tiny bootstrap through the Prefect deployment (``capfilt deploy``, a Prefect server and process
+worker, an ``s3://`` root on SeaweedFS) on a three-node Ray cluster with token auth, then a worker node lost
+mid-ingest, mid-caption-filter and mid-pretrain.
 
 The cluster (``infra/local_cluster.py``: a head with no CPUs and two one-CPU worker nodes on 127.0.0.2-4), SeaweedFS
 and the Prefect server must share a network namespace of their own, which pytest is not in: one scenario
@@ -70,6 +71,31 @@ def test_the_bootstrap_runs_through_the_deployment_on_three_nodes(record):
     assert e2e["deployed"], e2e["log"]
     assert e2e["returncode"] == 0, e2e["log"]
     assert all(e2e["committed"].values()), e2e["committed"]
+    assert e2e["report_head"] == "<!DOCTYPE html>", e2e["report_head"]
+    # The Ray dashboard's job API lists the flow run's driver (it joined the cluster through RAY_ADDRESS).
+    drivers = [j for j in e2e["ray_jobs"] if j["type"] == "DRIVER"]
+    assert any(j["status"] == "SUCCEEDED" for j in drivers), e2e["ray_jobs"]
+    # DuckDB reads the CapFilt Parquet through S3: one web and one synthetic text per image.
+    assert e2e["duckdb_rows_by_source"] == [["synthetic", 120], ["web", 120]]
+
+
+def test_training_jobs_keep_checkpoints_events_and_models_on_s3(record):
+    from multinode_scenario import TRAIN_JOBS
+
+    jobs = record["e2e"]["jobs"]
+    for job, steps in TRAIN_JOBS.items():
+        out = jobs[job]
+        assert out["last_step"] == steps, (job, out)
+        assert out["model"] and out["eval"], (job, out)
+        assert out["checkpoints"] >= 1, f"{job}: no Ray Train checkpoint on S3: {out}"
+        assert out["tensorboard"] >= 1, f"{job}: no TensorBoard events on S3: {out}"
+
+
+def test_the_two_fine_tunes_run_side_by_side_when_the_cluster_holds_both(record):
+    runs = record["e2e"]["finetunes"]
+    cap, fil = runs["finetune captioner round 1"], runs["finetune filter round 1"]
+    assert cap["state_type"] == fil["state_type"] == "COMPLETED"
+    assert cap["start_time"] < fil["end_time"] and fil["start_time"] < cap["end_time"], (cap, fil)
 
 
 def _workers(placement: dict[str, list[str]], match) -> set[str]:
