@@ -75,6 +75,10 @@ def write_shards(directory: Path, images: int, per_shard: int) -> None:
         return
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    shards = directory.parents[1] / "ingest" / "web"
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir(parents=True)
+    (directory.parents[1] / "world").mkdir(exist_ok=True)
     jpegs = tiny_jpegs()
     for s in range((images + per_shard - 1) // per_shard):
         n = min(per_shard, images - s * per_shard)
@@ -179,7 +183,8 @@ def run_child(tree: Path, mode: str, root: str, env: dict[str, str], log: Path) 
 
 # ----------------------------------------------------------------------------------------------- main
 def write_capfilt(directory: Path, rows: int, per_file: int = 200_000) -> None:
-    """A committed CapFilt directory of ``rows`` rows (web + one synthetic per image) for assemble."""
+    """A committed CapFilt directory of ``rows`` rows (web + one synthetic per image) for assemble, with what
+    assemble reads beside it: the ingest directory's shard names and an empty human set."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -191,6 +196,10 @@ def write_capfilt(directory: Path, rows: int, per_file: int = 200_000) -> None:
         return
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    shards = directory.parents[1] / "ingest" / "web"
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir(parents=True)
+    (directory.parents[1] / "world").mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for f, start in enumerate(range(0, rows, per_file)):
         n = min(per_file, rows - start) // 2
@@ -217,6 +226,9 @@ def write_capfilt(directory: Path, rows: int, per_file: int = 200_000) -> None:
             }
         )
         pq.write_table(table, directory / f"part-{f:05d}.parquet", compression="zstd")
+        (shards / f"{f:05d}.tar").write_bytes(b"")  # assemble checks that kept rows name ingested shards
+    storage.commit(str(shards), {"bench": "names only"})
+    (directory.parents[1] / "world" / "human_train.json").write_text("[]")  # a run without a human set
     storage.commit(str(directory), {"fingerprint": {"itm_threshold": 0.5, "keep_top_k_synthetic": None}})
 
 
