@@ -328,6 +328,6 @@ def eval_video_retrieval(
             vid2txt.append(list(range(len(texts), len(texts) + len(caps))))
             txt2vid.extend([len(vid2txt) - 1] * len(caps))
             texts.extend(caps)
-    out = rank_two_stage(blip, torch.cat(tokens), torch.cat(feats), texts, txt2vid, vid2txt, k=k)
+    out = rank_two_stage(blip, tokens, torch.cat(feats), texts, txt2vid, vid2txt, k=k)  # tokens: chunks in order
     out.update(frames=num_frames, videos=len(rows))
     return out

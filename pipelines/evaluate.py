@@ -2,8 +2,9 @@
 
 Retrieval follows the paper's two stages: every image-text pair is ranked by ITC cosine similarity, the top
 ``k`` candidates of each query are re-scored by the ITM head, and recall@1/5/10 is reported for text
-retrieval (image -> its captions) and image retrieval (caption -> its image). Captioning uses beam search
-(3 beams, max 20, min 5 tokens, the prompt) and BLEU-4 / CIDEr from pycocoevalcap.
+retrieval (image -> its captions) and image retrieval (caption -> its image). Only ITC features and top-``k``
+lists are kept for the whole set: the re-rank encodes the images again, one batch of tokens at a time.
+Captioning uses beam search (3 beams, max 20, min 5 tokens, the prompt) and BLEU-4 / CIDEr from pycocoevalcap.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import builtins  # ``round`` is a stage parameter here: builtins.round is the number's
 import json
 import logging
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,35 +31,44 @@ def _collate(batch):
 
 @torch.no_grad()
 def encode_eval_set(model: BlipModel, dataset, batch_size: int = 64, num_workers: int = 0):
-    """Image tokens, image ITC features, all captions and the caption -> image index."""
-    image_embeds, image_feats, texts, txt2img, img2txt = [], [], [], [], []
+    """Image ITC features [images, embed_dim], all captions, the caption -> image and image -> captions indices.
+    Each batch's image tokens are dropped once projected: the ITM re-rank encodes the images again."""
+    image_feats, texts, txt2img, img2txt = [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     for images, captions, _ in loader:
-        emb = model.encode_image(images)
-        image_embeds.append(emb.cpu())
-        image_feats.append(model.image_features(emb).cpu())
+        image_feats.append(model.image_features(model.encode_image(images)).cpu())
         for caps in captions:
             img = len(img2txt)
             img2txt.append(list(range(len(texts), len(texts) + len(caps))))
             texts.extend(caps)
             txt2img.extend([img] * len(caps))
-    return torch.cat(image_embeds), torch.cat(image_feats), texts, txt2img, img2txt
+    return torch.cat(image_feats), texts, txt2img, img2txt
+
+
+@torch.no_grad()
+def image_token_chunks(model: BlipModel, dataset, batch_size: int = 64, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """The dataset's image tokens in dataset order, one batch [batch, tokens, vision width] at a time."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    for images, _, _ in loader:
+        yield model.encode_image(images)
 
 
 @torch.no_grad()
 def retrieval_metrics(model: BlipModel, dataset, k: int = 256, batch_size: int = 64, itm_batch: int = 128) -> dict:
-    """TR/IR R@1/5/10 (percent) of ITC ranking re-ranked by ITM on the top ``k``; also ITC-only R@1."""
+    """TR/IR R@1/5/10 (percent) of ITC ranking re-ranked by ITM on the top ``k``; also ITC-only R@1. Each image is
+    encoded twice (ITC features, then tokens for the re-rank) and at most one batch of image tokens is held."""
     model.eval()
-    image_embeds, image_feats, texts, txt2img, img2txt = encode_eval_set(model, dataset, batch_size)
+    image_feats, texts, txt2img, img2txt = encode_eval_set(model, dataset, batch_size)
+    tokens = image_token_chunks(model, dataset, batch_size)
     return rank_two_stage(
-        model, image_embeds, image_feats, texts, txt2img, img2txt, k=k, batch_size=batch_size, itm_batch=itm_batch
+        model, tokens, image_feats, texts, txt2img, img2txt, k=k, batch_size=batch_size, itm_batch=itm_batch
     )
 
 
 @torch.no_grad()
 def rank_two_stage(
     model: BlipModel,
-    image_embeds: torch.Tensor,
+    image_tokens: Iterable[torch.Tensor],
     image_feats: torch.Tensor,
     texts: list[str],
     txt2img: list[int],
@@ -66,7 +77,12 @@ def rank_two_stage(
     batch_size: int = 64,
     itm_batch: int = 128,
 ) -> dict:
-    """The two stages over encoded images (or clips: their frames' tokens concatenated) and raw texts."""
+    """The two stages over images (or clips: their frames' tokens concatenated) and raw texts.
+
+    ``image_tokens`` yields the images' tokens in image order, one chunk [chunk, tokens, width] at a time, and is
+    read once, for the ITM re-rank. Memory is O((images + texts) x (embed_dim + k)) plus one chunk of tokens and
+    one ITM batch; no [images, texts] matrix is built. A ground truth outside its query's top ``k`` scores -100:
+    it ranks after every re-ranked candidate."""
     ids, mask = model.tokenize(texts)
     text_feats = torch.cat(
         [
@@ -74,43 +90,114 @@ def rank_two_stage(
             for i in range(0, len(texts), batch_size)
         ]
     )
-    sim = image_feats @ text_feats.t()  # [images, texts]
-    n_img, n_txt = sim.shape
-    dev = model.device
+    n_img, n_txt = len(image_feats), len(texts)
+    i2t_sim, i2t_idx = _topk_similarity(image_feats, text_feats, min(k, n_txt))  # [images, k] texts
+    t2i_sim, t2i_idx = _topk_similarity(text_feats, image_feats, min(k, n_img))  # [texts, k] images
 
-    def itm(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-        out = []
-        for s in range(0, len(img_idx), itm_batch):
-            ii, tt = img_idx[s : s + itm_batch], txt_idx[s : s + itm_batch]
-            logits = model.itm_logits(image_embeds[ii].to(dev), ids[tt].to(dev), mask[tt].to(dev))
-            out.append(logits[:, 1].cpu())  # BLIP re-ranks by the ITM "match" logit
-        return torch.cat(out)
+    # the pairs either direction re-ranks, each once, keyed image * n_txt + text: sorted, they group by image
+    i2t_key = torch.arange(n_img).unsqueeze(1) * n_txt + i2t_idx
+    t2i_key = t2i_idx * n_txt + torch.arange(n_txt).unsqueeze(1)
+    pairs = torch.cat([i2t_key.flatten(), t2i_key.flatten()]).unique()
+    itm = _itm_scores(model, image_tokens, pairs, n_img, n_txt, ids, mask, itm_batch)
+    i2t_score = itm[torch.searchsorted(pairs, i2t_key)] + i2t_sim
+    t2i_score = itm[torch.searchsorted(pairs, t2i_key)] + t2i_sim
 
-    score_i2t = torch.full_like(sim, -100.0)
-    k_t = min(k, n_txt)
-    top_sim, top_idx = sim.topk(k_t, dim=1)
-    scores = itm(torch.arange(n_img).repeat_interleave(k_t), top_idx.reshape(-1)).view(n_img, k_t)
-    score_i2t.scatter_(1, top_idx, scores + top_sim)
-
-    score_t2i = torch.full_like(sim.t(), -100.0)
-    k_i = min(k, n_img)
-    top_sim, top_idx = sim.t().topk(k_i, dim=1)
-    scores = itm(top_idx.reshape(-1), torch.arange(n_txt).repeat_interleave(k_i)).view(n_txt, k_i)
-    score_t2i.scatter_(1, top_idx, scores + top_sim)
-
-    out = _recalls(score_i2t, score_t2i, img2txt, txt2img)
-    itc_only = _recalls(sim, sim.t(), img2txt, txt2img)
+    out = _recalls(*_retrieval_ranks(i2t_idx, i2t_score, t2i_idx, t2i_score, img2txt, txt2img, fill=-100.0))
+    # a ground truth outside the ITC top k ranks >= k >= 1 whatever its similarity: ITC R@1 is exact
+    itc_only = _recalls(*_retrieval_ranks(i2t_idx, i2t_sim, t2i_idx, t2i_sim, img2txt, txt2img, fill=-math.inf))
     out.update(
         {"itc_txt_r1": itc_only["txt_r1"], "itc_img_r1": itc_only["img_r1"], "k": k, "images": n_img, "texts": n_txt}
     )
     return out
 
 
-def _recalls(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]], txt2img: list[int]) -> dict:
-    order = score_i2t.argsort(dim=1, descending=True)
-    tr_rank = torch.tensor([min(int((order[i] == t).nonzero()[0, 0]) for t in gts) for i, gts in enumerate(img2txt)])
-    order = score_t2i.argsort(dim=1, descending=True)
-    ir_rank = torch.tensor([int((order[t] == i).nonzero()[0, 0]) for t, i in enumerate(txt2img)])
+_SIM_ROWS = 256  # query rows per block of ITC similarities: at most 256 x candidates floats exist at once
+
+
+def _topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query feature's ``k`` most similar candidate features: (similarities, indices), both [queries, k]."""
+    blocks = [(queries[s : s + _SIM_ROWS] @ candidates.t()).topk(k, dim=1) for s in range(0, len(queries), _SIM_ROWS)]
+    return torch.cat([b.values for b in blocks]), torch.cat([b.indices for b in blocks])
+
+
+def _itm_scores(
+    model: BlipModel,
+    image_tokens: Iterable[torch.Tensor],
+    pairs: torch.Tensor,
+    n_img: int,
+    n_txt: int,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    itm_batch: int,
+) -> torch.Tensor:
+    """The ITM "match" logit (BLIP re-ranks by it) of each pair image * n_txt + text of the sorted ``pairs``. Each
+    chunk of ``image_tokens`` is read once, in order. The pairs go through the ITM head in batches of ``itm_batch``,
+    all full but the last (few shapes: CPU kernels keep memory per shape), whose image tokens are gathered from
+    as many chunks as they span: at most one chunk and one batch of gathered tokens are held."""
+    scores = torch.empty(len(pairs))
+    first = s = start = 0  # the batch being filled starts at pair ``first``; pairs before ``s`` are gathered
+    for tokens in image_tokens:
+        stop = start + len(tokens)
+        end = int(torch.searchsorted(pairs, stop * n_txt))  # this chunk's images' pairs end here
+        while s < end:
+            if s == first:
+                batch = tokens.new_empty((min(itm_batch, len(pairs) - first), *tokens.shape[1:]))
+            e = min(first + len(batch), end)
+            image = (pairs[s:e] // n_txt - start).to(tokens.device)
+            torch.index_select(tokens, 0, image, out=batch[s - first : e - first])
+            if e == first + len(batch):
+                txt = pairs[first:e] % n_txt
+                scores[first:e] = model.itm_logits(batch.to(model.device), ids[txt], mask[txt])[:, 1].cpu()
+                first = e
+            s = e
+        start = stop
+    if start != n_img:
+        raise ValueError(f"image_tokens holds {start} images' tokens for {n_img} images' features")
+    return scores
+
+
+def _ranks(
+    cand_idx: torch.Tensor,
+    cand_score: torch.Tensor,
+    query: torch.Tensor,
+    target: torch.Tensor,
+    n_candidates: int,
+    fill: float,
+) -> torch.Tensor:
+    """The rank (0 = first) of candidate ``target[p]`` for query ``query[p]`` among ``n_candidates``, where query
+    q's listed candidates ``cand_idx[q]`` score ``cand_score[q]`` and all others score ``fill``. Equal scores rank
+    the lower index first: the order a stable descending sort of the query's whole score row gives."""
+    idx, score, t = cand_idx[query], cand_score[query], target.unsqueeze(1)
+    listed = idx == t
+    own = torch.where(listed.any(1), score.masked_fill(~listed, 0.0).sum(1), fill)
+    before = idx < t
+    rank = (score > own.unsqueeze(1)).sum(1) + ((score == own.unsqueeze(1)) & before).sum(1)
+    unlisted_before = target - before.sum(1)  # unlisted candidates with a lower index than the target
+    return rank + torch.where(fill > own, n_candidates - idx.shape[1], 0) + torch.where(fill == own, unlisted_before, 0)
+
+
+def _retrieval_ranks(
+    i2t_idx: torch.Tensor,
+    i2t_score: torch.Tensor,
+    t2i_idx: torch.Tensor,
+    t2i_score: torch.Tensor,
+    img2txt: list[list[int]],
+    txt2img: list[int],
+    fill: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image the rank of its best-ranked caption among the texts, per text the rank of its image among the
+    images, from each query's listed candidates and scores (every other candidate scores ``fill``)."""
+    n_img, n_txt = len(img2txt), len(txt2img)
+    image = torch.tensor([i for i, gts in enumerate(img2txt) for _ in gts])
+    caption = torch.tensor([t for gts in img2txt for t in gts])
+    tr = _ranks(i2t_idx, i2t_score, image, caption, n_txt, fill)
+    tr_best = torch.full((n_img,), n_txt).scatter_reduce(0, image, tr, "amin")
+    ir = _ranks(t2i_idx, t2i_score, torch.arange(n_txt), torch.tensor(txt2img), n_img, fill)
+    return tr_best, ir
+
+
+def _recalls(tr_rank: torch.Tensor, ir_rank: torch.Tensor) -> dict:
+    """Text (per image) and image (per text) recall@1/5/10 in percent, their means and the overall mean."""
     out = {}
     for name, ranks in (("txt", tr_rank), ("img", ir_rank)):
         for r in (1, 5, 10):
