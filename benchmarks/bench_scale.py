@@ -75,10 +75,6 @@ def write_shards(directory: Path, images: int, per_shard: int) -> None:
         return
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    shards = directory.parents[1] / "ingest" / "web"
-    shutil.rmtree(shards, ignore_errors=True)
-    shards.mkdir(parents=True)
-    (directory.parents[1] / "world").mkdir(exist_ok=True)
     jpegs = tiny_jpegs()
     for s in range((images + per_shard - 1) // per_shard):
         n = min(per_shard, images - s * per_shard)

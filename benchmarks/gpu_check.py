@@ -50,25 +50,25 @@ def random_checkpoint(size: str, image_size: int, path: Path) -> str:
     return str(path)
 
 
+def model_overrides(ckpt: str, args: argparse.Namespace) -> list[str]:
+    """The CapFilt settings every check shares: one checkpoint as captioner and filter, the precision, the batch."""
+    return [
+        f"capfilt.captioner={ckpt}",
+        f"capfilt.filter={ckpt}",
+        f"capfilt.amp={args.amp}",
+        f"capfilt.model_batch_size={args.batch}",
+        "capfilt.num_samples=1",
+    ]
+
+
 def settings_for(ckpt: str, args: argparse.Namespace, root: str):
     from pipelines.capfilt import resolve_settings
     from pipelines.config import load_config
 
-    cfg = load_config(
-        TINY_CONFIG,
-        [
-            f"capfilt.captioner={ckpt}",
-            f"capfilt.filter={ckpt}",
-            f"capfilt.amp={args.amp}",
-            f"capfilt.model_batch_size={args.batch}",
-            "capfilt.num_samples=1",
-            "capfilt.max_length=30",
-            "capfilt.min_length=5",
-        ],
-    )
+    cfg = load_config(TINY_CONFIG, [*model_overrides(ckpt, args), "capfilt.max_length=30", "capfilt.min_length=5"])
     s = resolve_settings(cfg, root, 1)
     s.use_gpu = args.device == "cuda"
-    return cfg, s
+    return s
 
 
 def batch_of(n: int, size: int, column: str, k: int = 1, seed: int = 0) -> dict:
@@ -148,7 +148,7 @@ def throughput(s, args: argparse.Namespace) -> list[tuple[str, float]]:
     ]
 
 
-def pipeline(cfg, ckpt: str, args: argparse.Namespace, work: Path) -> tuple[float, dict]:
+def pipeline(ckpt: str, args: argparse.Namespace, work: Path) -> tuple[float, dict]:
     """A caption-filter run on a local Ray with both models on the device; images/s of the stage."""
     import pyarrow.parquet as pq
     from bench_scale import write_shards
@@ -163,12 +163,8 @@ def pipeline(cfg, ckpt: str, args: argparse.Namespace, work: Path) -> tuple[floa
     cfg = load_config(
         TINY_CONFIG,
         [
-            f"capfilt.captioner={ckpt}",
-            f"capfilt.filter={ckpt}",
-            f"capfilt.amp={args.amp}",
-            f"capfilt.model_batch_size={args.batch}",
+            *model_overrides(ckpt, args),
             f"capfilt.use_gpu={str(args.device == 'cuda').lower()}",
-            "capfilt.num_samples=1",
             "capfilt.decode_batch_rows=256",
             *[f"capfilt.{p}.batch_size={args.batch}" for p in ("captioner_pool", "filter_pool")],
             *[f"capfilt.{p}.num_gpus={gpu}" for p in ("captioner_pool", "filter_pool")],
@@ -199,11 +195,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="capfilt-gpu-") as tmp:
         work = Path(tmp)
         ckpt = random_checkpoint(args.size, args.image_size, work / "model")
-        cfg, s = settings_for(ckpt, args, str(work / "run"))
+        s = settings_for(ckpt, args, str(work / "run"))
         results = checks(s, args)
         rates = throughput(s, args)
         if args.pipeline_images:
-            pipe_rate, info = pipeline(cfg, ckpt, args, work)
+            pipe_rate, info = pipeline(ckpt, args, work)
             ok = info["unscored"] == 0
             results.append(("pipeline: every unit committed, every ok row scored", f"{info['rows']} rows", ok))
     label = f"{args.size} @ {args.image_size}px, {args.amp}, batch {args.batch}, {args.device}"

@@ -29,6 +29,14 @@ def capfilt(
     return proc, time.time() - t0
 
 
+def ingest(
+    root: str, *overrides: str, flags: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
+    """``capfilt ingest --config tiny.yaml --root ROOT [FLAGS] --set KEY=VALUE ...``, as a user would run it."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    return capfilt("ingest", "--config", TINY, "--root", root, *flags, *sets, env=env)
+
+
 def read_shards(folder: str) -> tuple[dict[str, dict[str, bytes]], list[dict]]:
     """All samples of the ``*.tar`` shards (key -> {extension: bytes}) and all rows of their Parquet files."""
     fs, path = fsspec.core.url_to_fs(folder)

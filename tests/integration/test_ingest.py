@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from integration_helpers import TINY, capfilt, read_shards
+from integration_helpers import TINY, capfilt, ingest, read_shards
 from PIL import Image
 
 from pipelines import storage
@@ -185,25 +185,14 @@ def test_bad_input_is_recorded_and_good_images_keep_their_captions_byte_for_byte
             w.writerow(["link", "text"])
             w.writerows(rows)
         root = str(tmp_path / "run")
-        proc, seconds = capfilt(
-            "ingest",
-            "--config",
-            TINY,
-            "--root",
+        proc, seconds = ingest(
             root,
-            "--set",
             f"ingest.url_list={list_path}",
-            "--set",
             "ingest.input_format=csv",
-            "--set",
             "ingest.url_col=link",
-            "--set",
             "ingest.caption_col=text",
-            "--set",
             "ingest.source=userlist",
-            "--set",
             "ingest.shard_size=8",
-            "--set",
             "ingest.timeout=5",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -338,7 +327,7 @@ class _SiteHandler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
     def log_message(self, *args) -> None:
-        pass
+        """No access log: the test's output stays the test's."""
 
 
 @contextlib.contextmanager
@@ -380,7 +369,7 @@ def test_ray_shards_equal_the_processes_and_resume_and_a_killed_task_is_retried(
     (site / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     names.append("corrupt.jpg")
 
-    def ingest(root: str, distributor: str) -> dict:
+    def ingest_with(root: str, distributor: str) -> dict:
         overrides = [
             f"ingest.url_list={list_path}",
             "ingest.input_format=csv",
@@ -391,9 +380,9 @@ def test_ray_shards_equal_the_processes_and_resume_and_a_killed_task_is_retried(
 
     with _site(site) as (base, state):
         _write_list(list_path, base, names)
-        by_processes = ingest(str(tmp_path / "mp"), "multiprocessing")
+        by_processes = ingest_with(str(tmp_path / "mp"), "multiprocessing")
         state["kill"] = True
-        by_ray = ingest(str(tmp_path / "ray"), "ray")
+        by_ray = ingest_with(str(tmp_path / "ray"), "ray")
         assert state.get("killed"), "the shard task was not killed"
         assert state["seen"]["die.jpg"] == 3  # once by the processes, twice by Ray: the killed task was retried
         mp_out, ray_out = (storage.RunRoot(str(tmp_path / r)).ingest("web") for r in ("mp", "ray"))
@@ -414,7 +403,7 @@ def test_ray_shards_equal_the_processes_and_resume_and_a_killed_task_is_retried(
         kept = {p.name: p.stat().st_mtime_ns for p in Path(ray_out).iterdir() if not p.name.startswith("00001")}
         for name in ("_COMMITTED", "manifest.json", "00001_stats.json", "00001.tar", "00001.parquet"):
             (Path(ray_out) / name).unlink()
-        redone = ingest(str(tmp_path / "ray"), "ray")
+        redone = ingest_with(str(tmp_path / "ray"), "ray")
     assert redone["this_run"]["shards"] == 1 and redone["this_run"]["samples"] == 8
     assert {k: v for k, v in redone.items() if k not in strip} == {k: v for k, v in by_ray.items() if k not in strip}
     assert all((Path(ray_out) / n).stat().st_mtime_ns == t for n, t in kept.items() if not n.startswith(("_", "m")))
@@ -441,19 +430,8 @@ def test_retry_failed_downloads_only_transient_failures_into_new_shards(ray_sess
     ]
     site, list_path = _photo_list(tmp_path, names)
     root = str(tmp_path / "run")
-    args = (
-        "--config",
-        TINY,
-        "--root",
-        root,
-        "--set",
-        f"ingest.url_list={list_path}",
-        "--set",
-        "ingest.input_format=csv",
-        "--set",
-        "ingest.shard_size=4",
-    )
-    cfg = load_config(TINY, [a for a in args[4:] if a != "--set"])
+    overrides = (f"ingest.url_list={list_path}", "ingest.input_format=csv", "ingest.shard_size=4")
+    cfg = load_config(TINY, list(overrides))
     with _site(site) as (base, state):
         rows = _write_list(list_path, base, names)
         first = run_ingest(cfg, root)
@@ -463,7 +441,7 @@ def test_retry_failed_downloads_only_transient_failures_into_new_shards(ray_sess
             "HTTP Error 404: File not found": 2,
         }
         original = {r["url"]: r for r in read_shards(out)[1]}
-        proc, seconds = capfilt("ingest", *args, "--retry-failed")
+        proc, seconds = ingest(root, *overrides, flags=("--retry-failed",))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert storage.is_committed(out)
         # The 503s were asked twice, the 404s once: only transient failures are retried.

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from integration_helpers import TINY, capfilt, read_shards
+from integration_helpers import ingest, read_shards
 from PIL import Image
 
 from pipelines import storage
@@ -59,21 +59,12 @@ def test_a_laion_list_carries_its_extra_columns_into_the_shards_and_the_capfilt_
         (tmp_path / "list").mkdir()
         pq.write_table(listed, tmp_path / "list" / "part-0.parquet")
         root = str(tmp_path / "run")
-        proc, seconds = capfilt(
-            "ingest",
-            "--config",
-            TINY,
-            "--root",
+        proc, seconds = ingest(
             root,
-            "--set",
             f"ingest.url_list={tmp_path / 'list'}",
-            "--set",
             "ingest.url_col=URL",
-            "--set",
             "ingest.caption_col=TEXT",
-            "--set",
             f"ingest.extra_columns=[{', '.join(EXTRA)}]",
-            "--set",
             "ingest.shard_size=10",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from integration_helpers import TINY, capfilt, read_shards
+from integration_helpers import ingest, read_shards
 from PIL import Image
 
 from blip_core.transforms import CorruptImageError
@@ -135,19 +135,11 @@ def test_every_format_is_ingested_upright_in_its_colours(photo_site, tmp_path):
         with open(tmp_path / "urls.csv", "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("url", "caption"), *rows])
         root = str(tmp_path / "run")
-        proc, seconds = capfilt(
-            "ingest",
-            "--config",
-            TINY,
-            "--root",
+        proc, seconds = ingest(
             root,
-            "--set",
             f"ingest.url_list={tmp_path / 'urls.csv'}",
-            "--set",
             "ingest.input_format=csv",
-            "--set",
             "ingest.source=photos",
-            "--set",
             "ingest.shard_size=8",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
