@@ -225,10 +225,18 @@ class LocalCluster:
         node.node_id = None
 
     def restart_node(self, i: int, timeout: float = 300) -> None:
-        """A fresh worker node i (a new node id) at the same address; returns once it is alive."""
+        """A fresh worker node i (a new node id) at the same address, once the head has marked the lost node dead
+        (as a replacement machine comes after the failure is noticed); returns once it is alive. Seen once when it
+        did not wait: the new node registered while the head still held the lost one alive, got no work, and Ray
+        Train's next worker group waited for its CPU until the stage timed out."""
         node = self.nodes[i]
+        deadline = time.time() + timeout
+        while self.lost & set(self.alive_nodes()):
+            if time.time() > deadline:
+                raise TimeoutError(f"the head still holds lost node(s) {self.lost & set(self.alive_nodes())} alive")
+            time.sleep(0.5)
         self._spawn(node)
-        self.wait_alive([node], timeout)
+        self.wait_alive([node], max(deadline - time.time(), 30))
 
     def stop(self) -> None:
         """Every node at once: 10 s to stop its processes, then what is left is killed."""
